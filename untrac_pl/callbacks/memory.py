@@ -1,0 +1,77 @@
+"""MemoryMonitor: peak memory per phase (unlearning, scoring); CUDA peak on GPU, process RSS on CPU."""
+from __future__ import annotations
+
+import resource
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (Linux /proc; falls back to the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class MemoryMonitor(Callback):
+    """Records the peak memory of each phase over all targets.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` with the peak counter reset at each phase start.
+    On CPU: the process RSS sampled at every batch end (a lower bound of the true peak).
+    ``report()`` gives ``{phase: {"peak_bytes", "peak_gb", "device"}}``, which the engine writes to
+    ``memory.json``; the figures are also sent to the logger.
+    """
+
+    PHASES = {"fit": "unlearning", "predict": "scoring"}
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        self.device_kind = "cpu"
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            self.device_kind = "cuda"
+            torch.cuda.synchronize(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def _sample(self, phase: str, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            value = torch.cuda.max_memory_allocated(pl_module.device)
+        else:
+            value = _rss_bytes()
+        self.peaks[phase] = max(self.peaks.get(phase, 0), int(value))
+
+    def on_train_start(self, trainer, pl_module):
+        self._start(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sample("unlearning", pl_module)
+
+    def on_predict_start(self, trainer, pl_module):
+        self._start(pl_module)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._sample("scoring", pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._log(trainer, "unlearning")
+
+    def on_predict_end(self, trainer, pl_module):
+        self._log(trainer, "scoring")
+
+    def _log(self, trainer, phase: str) -> None:
+        if trainer.logger is not None and phase in self.peaks:
+            trainer.logger.log_metrics({f"memory/{phase}_peak_gb": self.peaks[phase] / 2**30}, step=0)
+
+    def report(self) -> dict:
+        measure = "torch.cuda.max_memory_allocated" if self.device_kind == "cuda" else "process RSS sampled per batch"
+        return {
+            phase: {"peak_bytes": value, "peak_gb": round(value / 2**30, 4), "device": self.device_kind, "measure": measure}
+            for phase, value in self.peaks.items()
+        }

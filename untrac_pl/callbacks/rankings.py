@@ -1,0 +1,161 @@
+"""RankingWriter: collects per-target scores from predict and writes rankings, scores and tables."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from untrac_pl.io import write_json_atomic, write_text_atomic
+from untrac_pl.scores import ScoreTable
+
+
+class RankingWriter(BasePredictionWriter):
+    """Turns ``predict_step`` outputs into the run's score matrix and rankings.
+
+    One ``predict`` pass per unlearning target yields one score vector over the evaluation set;
+    the engine's :class:`~untrac_pl.engine.AttributionPlan` says whether that vector is a row
+    (UnTrac-Inv: target = query) or a column (UnTrac: target = training group) of the query-major
+    matrix. Outputs (all atomic): ``scores.safetensors``, ``rankings.json``, ``group_scores.csv``
+    and ``group_scores.md``; TensorBoard gets a score histogram and the top-k table as text.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, top_k: int = 10, snippet_chars: int = 200):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.top_k, self.snippet_chars = top_k, snippet_chars
+        self.plan = None
+        self.matrix: Optional[torch.Tensor] = None
+        self.failed: dict[str, dict] = {}
+        self._buffer: dict[int, float] = {}
+
+    def begin(self, plan, output_dir: Path) -> None:
+        self.plan, self.output_dir = plan, Path(output_dir)
+        self.matrix = torch.full((len(plan.targets), len(plan.eval_corpus)), float("nan"))
+        self.failed = {}
+
+    # -- collection ------------------------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if getattr(pl_module, "target", None) is None or "scores" not in prediction:
+            return
+        for index, score in zip(prediction["index"].tolist(), prediction["scores"].tolist()):
+            self._buffer[index] = score
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        target = getattr(pl_module, "target", None)
+        if target is None or self.matrix is None:
+            self._buffer = {}
+            return
+        row = torch.full((self.matrix.shape[1],), float("nan"))
+        for index, score in self._buffer.items():
+            row[index] = score
+        self._buffer = {}
+        if not torch.isfinite(row).all():
+            self.mark_failed(target.id, "non-finite or missing scores after unlearning", step=None)
+            return
+        self.matrix[target.position] = row
+
+    def mark_failed(self, target_id: str, reason: str, step: Optional[int]) -> None:
+        self.failed[target_id] = {"reason": reason, "step": step}
+        position = [t.id for t in self.plan.targets].index(target_id)
+        self.matrix[position] = float("nan")
+
+    # -- output ----------------------------------------------------------------------------------
+    def table(self, metadata: dict) -> ScoreTable:
+        plan = self.plan
+        target_ids = [t.id for t in plan.targets]
+        target_groups = plan.target_groups
+        eval_ids, eval_groups = plan.eval_corpus.ids, [r["group"] for r in plan.eval_corpus.records]
+        meta = dict(metadata, failed_targets=self.failed)
+        if plan.targets_are_rows:
+            return ScoreTable(self.matrix.clone(), target_ids, target_groups, eval_ids, eval_groups, plan.target_unit, "example", plan.method, meta)
+        return ScoreTable(self.matrix.T.clone(), eval_ids, eval_groups, target_ids, target_groups, "example", plan.target_unit, plan.method, meta)
+
+    def _snippet(self, text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= self.snippet_chars else text[: self.snippet_chars - 1] + "…"
+
+    def _rank(self, table: ScoreTable, row: int, texts: Optional[list[str]]) -> list[dict]:
+        scores = table.scores[row]
+        finite = torch.isfinite(scores)
+        if not finite.any():
+            return []
+        order = torch.argsort(torch.where(finite, scores, torch.tensor(-math.inf)), descending=True, stable=True)
+        top = []
+        for rank, col in enumerate(order[: min(self.top_k, int(finite.sum()))].tolist(), start=1):
+            entry = {"rank": rank, "id": table.col_ids[col], "group": table.col_groups[col], "score": float(scores[col])}
+            if texts is not None:
+                entry["text"] = self._snippet(texts[col])
+            top.append(entry)
+        return top
+
+    def rankings(self, table: ScoreTable) -> dict:
+        plan = self.plan
+        row_texts = plan.row_texts()
+        col_texts = plan.col_texts()
+        queries = []
+        for row in range(len(table.row_ids)):
+            entry = {"query_id": table.row_ids[row], "query_group": table.row_groups[row]}
+            if row_texts is not None:
+                entry["query_text"] = self._snippet(row_texts[row])
+            entry["failed"] = table.row_ids[row] in self.failed
+            entry["top"] = self._rank(table, row, col_texts)
+            queries.append(entry)
+        group = table.group_level()
+        group_rankings = [
+            {"query_group": group.row_ids[r], "top": self._rank(group, r, None)} for r in range(len(group.row_ids))
+        ]
+        return {
+            "method": table.method,
+            "row_unit": table.row_unit,
+            "col_unit": table.col_unit,
+            "sign": "positive = the training unit helped produce the query (unlearning it raises the query loss)",
+            "top_k": self.top_k,
+            "failed_targets": self.failed,
+            "queries": queries,
+            "query_groups": group_rankings,
+        }
+
+    @staticmethod
+    def group_tables(table: ScoreTable) -> tuple[str, str]:
+        group = table.group_level()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["query_group"] + group.col_ids)
+        lines = ["| query group | " + " | ".join(group.col_ids) + " |", "|---" * (len(group.col_ids) + 1) + "|"]
+        for r, name in enumerate(group.row_ids):
+            values = group.scores[r].tolist()
+            writer.writerow([name] + [f"{v:.6g}" for v in values])
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+        return buffer.getvalue(), "\n".join(lines) + "\n"
+
+    def write_outputs(self, metadata: dict, logger=None) -> ScoreTable:
+        table = self.table(metadata)
+        table.save(self.output_dir / "scores.safetensors")
+        rankings = self.rankings(table)
+        write_json_atomic(self.output_dir / "rankings.json", rankings)
+        csv_text, md_text = self.group_tables(table)
+        write_text_atomic(self.output_dir / "group_scores.csv", csv_text)
+        write_text_atomic(self.output_dir / "group_scores.md", md_text)
+        self._log_tensorboard(table, rankings, logger)
+        return table
+
+    @staticmethod
+    def _log_tensorboard(table: ScoreTable, rankings: dict, logger) -> None:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_histogram"):
+            return
+        finite = table.scores[torch.isfinite(table.scores)]
+        if finite.numel():
+            experiment.add_histogram("scores/all", finite, 0)
+        lines = ["| query | rank | train unit | group | score | text |", "|---|---|---|---|---|---|"]
+        for query in rankings["queries"]:
+            for item in query["top"]:
+                text = item.get("text", "").replace("|", "\\|")
+                lines.append(f"| {query['query_id']} | {item['rank']} | {item['id']} | {item['group']} | {item['score']:.4g} | {text} |")
+        experiment.add_text("rankings/top_k", "\n".join(lines), 0)
+        experiment.flush()

@@ -1,0 +1,143 @@
+"""One DataModule serving both sides of an attribution: the grouped training corpora and the queries.
+
+Which side is unlearned and which is scored depends on the method (UnTrac unlearns training groups
+and scores queries; UnTrac-Inv the reverse), so one module owning both corpora keeps tokenisation,
+sampling and batching in one place and lets the engine ask for either side.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
+from untrac_pl.data.records import DataSource, check_unique_ids, read_records
+from untrac_pl.data.schedule import AscentDataset, UnlearningSchedule, plan_micro_batches
+from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
+from untrac_pl.errors import DataError
+
+
+class _ExampleDataset:
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class AttributionDataModule(pl.LightningDataModule):
+    """Training corpora (grouped) and query texts (e.g. toxicity prompts), tokenised once.
+
+    Args:
+        train: data sources of the training corpora (each record's ``group`` is its corpus).
+        queries: data sources of the test behaviours / queries.
+        embedded: ``"quickstart"`` uses the project's generated demo data for any side left empty.
+        max_length: tokens per sequence; longer ones are truncated and counted.
+        samples_per_group: equal-size seeded sample of each training group (paper: 10,000).
+        query_samples_per_group: the same for query subsets (paper: 256).
+        eval_batch_size: batch size of loss evaluation (sorted by length to cut padding).
+    """
+
+    def __init__(
+        self,
+        train: Optional[list[DataSource]] = None,
+        queries: Optional[list[DataSource]] = None,
+        embedded: Optional[Literal["quickstart"]] = None,
+        max_length: int = 512,
+        samples_per_group: Optional[int] = None,
+        query_samples_per_group: Optional[int] = None,
+        sample_seed: int = 0,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train_sources = list(train or [])
+        self.query_sources = list(queries or [])
+        self.embedded = embedded
+        self.max_length = max_length
+        self.samples_per_group = samples_per_group
+        self.query_samples_per_group = query_samples_per_group
+        self.sample_seed = sample_seed
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_records: Optional[list[dict]] = None
+        self.query_records: Optional[list[dict]] = None
+        self.train_corpus: Optional[TokenizedCorpus] = None
+        self.query_corpus: Optional[TokenizedCorpus] = None
+        self.collator: Optional[PadCollator] = None
+        if eval_batch_size < 1:
+            raise DataError(f"must be >= 1, got {eval_batch_size}", field="data.eval_batch_size")
+
+    @classmethod
+    def from_records(cls, train_records: list[dict], query_records: list[dict], **kwargs) -> "AttributionDataModule":
+        """Build from in-memory records (see :func:`untrac_pl.data.records.records_from_list`)."""
+        module = cls(**kwargs)
+        module.train_records, module.query_records = list(train_records), list(query_records)
+        return module
+
+    # -- records -------------------------------------------------------------------------------
+    def load_records(self) -> None:
+        """Read, validate and sample both sides (idempotent)."""
+        if self.train_records is None or self.query_records is None:
+            demo = None
+            if self.embedded == "quickstart" and (not self.train_sources or not self.query_sources):
+                from untrac_pl.data.embedded import quickstart_corpus
+
+                demo = quickstart_corpus(seed=self.sample_seed)
+            if self.train_records is None:
+                self.train_records = self._read_side(self.train_sources, demo and demo["train"], "data.train")
+            if self.query_records is None:
+                self.query_records = self._read_side(self.query_sources, demo and demo["queries"], "data.queries")
+            self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
+            self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
+        check_unique_ids(self.train_records, "training data")
+        check_unique_ids(self.query_records, "queries")
+
+    @staticmethod
+    def _read_side(sources: Sequence, fallback: Optional[list[dict]], what: str) -> list[dict]:
+        if not sources:
+            if fallback is None:
+                raise DataError("no data sources given (set them, or embedded: quickstart)", field=what)
+            return list(fallback)
+        records = []
+        for source in sources:
+            records.extend(read_records(source))
+        return records
+
+    def all_texts(self) -> list[str]:
+        self.load_records()
+        return [r.get("text") or r["prompt"] + r["completion"] for r in self.train_records + self.query_records]
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, tokenizer) -> None:
+        self.load_records()
+        self.collator = PadCollator(tokenizer.pad_token_id)
+        self.train_corpus = tokenize_records(self.train_records, tokenizer, self.max_length, "training data")
+        self.query_corpus = tokenize_records(self.query_records, tokenizer, self.max_length, "queries")
+
+    def _require_tokens(self) -> None:
+        if self.train_corpus is None:
+            raise RuntimeError("call AttributionDataModule.tokenize(tokenizer) first")
+
+    def evaluation_dataloader(self, corpus: TokenizedCorpus) -> DataLoader:
+        """All examples of ``corpus`` in length-sorted batches (order-free loss evaluation)."""
+        self._require_tokens()
+        return DataLoader(
+            _ExampleDataset(corpus.examples),
+            batch_sampler=LengthSortedBatchSampler(corpus.lengths, self.eval_batch_size),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def ascent_dataloader(self, corpus: TokenizedCorpus, indices: Sequence[int], schedule: UnlearningSchedule, seed: int) -> DataLoader:
+        """The planned micro-batches of one unlearning target (examples ``indices`` of ``corpus``)."""
+        self._require_tokens()
+        plan = plan_micro_batches(len(indices), schedule, seed)
+        return DataLoader(AscentDataset(corpus.examples, indices, plan, self.collator), batch_size=None, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.evaluation_dataloader(self.query_corpus)

@@ -1,0 +1,223 @@
+"""Readers that turn JSONL, CSV, plain text, `datasets` datasets and in-memory lists into records.
+
+A record is ``{"id": str, "group": str, "text": str}`` or ``{"id", "group", "prompt", "completion"}``
+(loss on the completion only). Every reader validates as it goes and raises :class:`DataError`
+naming the file, line and field at fault.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+from untrac_pl.errors import DataError
+
+Format = Literal["auto", "jsonl", "csv", "text", "hf"]
+
+
+@dataclass
+class DataSource:
+    """Where one set of records comes from and how its fields are named.
+
+    ``path``: a .jsonl/.json/.csv/.txt file, a local `datasets` directory (``save_to_disk`` or a
+    folder of data files) or a Hub dataset id (``format: hf``). ``group`` sets one group for every
+    record; otherwise ``group_field`` is read (default group: the file's stem).
+    """
+
+    path: str
+    format: Format = "auto"
+    group: Optional[str] = None
+    group_field: str = "group"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    id_field: str = "id"
+    split: str = "train"
+    text_unit: Literal["line", "paragraph"] = "line"
+    limit: Optional[int] = None
+    hf_config: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _infer_format(source: DataSource) -> str:
+    if source.format != "auto":
+        return source.format
+    path = Path(source.path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".txt", ".text"):
+        return "text"
+    if path.is_dir():
+        return "hf"
+    if not path.exists():
+        raise DataError("file not found", source=source.path)
+    raise DataError(f"cannot infer the format from suffix '{suffix}'; set format: jsonl|csv|text|hf", source=source.path)
+
+
+def _make_record(raw: dict, source: DataSource, position: int, line: Optional[int]) -> dict:
+    where = dict(source=source.path, line=line)
+    if not isinstance(raw, dict):
+        raise DataError(f"expected an object, got {type(raw).__name__}", **where)
+    group = source.group if source.group is not None else raw.get(source.group_field)
+    if group is None:
+        group = Path(source.path).stem
+    rec_id = raw.get(source.id_field)
+    rec_id = f"{Path(source.path).stem}:{position}" if rec_id is None or rec_id == "" else str(rec_id)
+    has_text = source.text_field in raw
+    has_pair = source.prompt_field in raw or source.completion_field in raw
+    if has_text:
+        text = raw[source.text_field]
+        if not isinstance(text, str):
+            raise DataError(f"must be a string, got {type(text).__name__}", field=source.text_field, **where)
+        if not text.strip():
+            raise DataError("text is empty", field=source.text_field, **where)
+        return {"id": rec_id, "group": str(group), "text": text}
+    if has_pair:
+        for name in (source.prompt_field, source.completion_field):
+            if name not in raw:
+                raise DataError("missing (a prompt needs a completion and vice versa)", field=name, **where)
+            if not isinstance(raw[name], str):
+                raise DataError(f"must be a string, got {type(raw[name]).__name__}", field=name, **where)
+        if not raw[source.completion_field].strip():
+            raise DataError("completion is empty: there is nothing to take a loss on", field=source.completion_field, **where)
+        return {"id": rec_id, "group": str(group), "prompt": raw[source.prompt_field], "completion": raw[source.completion_field]}
+    present = ", ".join(sorted(map(str, raw))) or "none"
+    raise DataError(
+        f"record has no '{source.text_field}' field and no '{source.prompt_field}'/'{source.completion_field}' "
+        f"pair (fields present: {present}); set text_field/prompt_field/completion_field in the data source",
+        field=source.text_field,
+        **where,
+    )
+
+
+def _read_jsonl(source: DataSource) -> Iterable[tuple[dict, int]]:
+    try:
+        handle = open(source.path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", source=source.path) from None
+    with handle:
+        try:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line), line_no
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", source=source.path, line=line_no) from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+
+
+def _read_csv(source: DataSource) -> Iterable[tuple[dict, int]]:
+    delimiter = "\t" if source.path.lower().endswith(".tsv") else ","
+    try:
+        handle = open(source.path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise DataError("file not found", source=source.path) from None
+    with handle:
+        try:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            for row in reader:
+                if None in row:
+                    raise DataError("row has more columns than the header", source=source.path, line=reader.line_num)
+                yield row, reader.line_num
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+        except csv.Error as exc:
+            raise DataError(f"malformed CSV ({exc})", source=source.path) from None
+
+
+def _read_text(source: DataSource) -> Iterable[tuple[dict, int]]:
+    try:
+        content = Path(source.path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", source=source.path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+    if source.text_unit == "line":
+        for line_no, line in enumerate(content.splitlines(), start=1):
+            if line.strip():
+                yield {source.text_field: line}, line_no
+    else:
+        line_no, start, buffer = 1, 1, []
+        for line_no, line in enumerate(content.splitlines(), start=1):
+            if line.strip():
+                if not buffer:
+                    start = line_no
+                buffer.append(line)
+            elif buffer:
+                yield {source.text_field: "\n".join(buffer)}, start
+                buffer = []
+        if buffer:
+            yield {source.text_field: "\n".join(buffer)}, start
+
+
+def _read_hf(source: DataSource) -> Iterable[tuple[dict, Optional[int]]]:
+    import datasets
+
+    path = Path(source.path)
+    try:
+        if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[source.split]
+        else:
+            loaded = datasets.load_dataset(source.path, source.hf_config, split=source.split)
+    except FileNotFoundError as exc:
+        raise DataError(f"dataset not found ({exc})", source=source.path) from None
+    except (ConnectionError, OSError, ValueError) as exc:
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (the Hub is offline here: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set; use a local path)" if offline else ""
+        raise DataError(f"could not load the dataset{hint}: {exc}", source=source.path) from None
+    for row_no, row in enumerate(loaded):
+        yield dict(row), row_no
+
+
+_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "text": _read_text, "hf": _read_hf}
+
+
+def read_records(source: DataSource | dict | str) -> list[dict]:
+    """Read and validate all records of one source; raise :class:`DataError` on the first problem."""
+    if isinstance(source, str):
+        source = DataSource(path=source)
+    elif isinstance(source, dict):
+        source = DataSource(**source)
+    fmt = _infer_format(source)
+    records = []
+    for position, (raw, line) in enumerate(_READERS[fmt](source)):
+        if source.limit is not None and len(records) >= source.limit:
+            break
+        records.append(_make_record(raw, source, position, line if fmt != "hf" else None))
+    if not records:
+        raise DataError("no records (the file is empty)", source=source.path)
+    return records
+
+
+def records_from_list(items: Iterable[Any], name: str = "<list>", group: Optional[str] = None) -> list[dict]:
+    """Records from an in-memory list of strings or dicts (same validation as the file readers)."""
+    source = DataSource(path=name, group=group)
+    records = []
+    for position, item in enumerate(items):
+        raw = {"text": item} if isinstance(item, str) else item
+        records.append(_make_record(raw, source, position, position + 1))
+    if not records:
+        raise DataError("no records (the list is empty)", source=name)
+    return records
+
+
+def check_unique_ids(records: list[dict], what: str) -> None:
+    seen: dict[str, int] = {}
+    for position, record in enumerate(records):
+        if record["id"] in seen:
+            raise DataError(
+                f"duplicate id '{record['id']}' (records {seen[record['id']]} and {position}); ids must be unique",
+                source=what,
+                field="id",
+            )
+        seen[record["id"]] = position

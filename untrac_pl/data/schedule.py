@@ -1,0 +1,97 @@
+"""The ascent schedule of one unlearning target: which examples go in which micro-batch."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from untrac_pl.data.collate import PadCollator
+
+
+@dataclass
+class UnlearningSchedule:
+    """How long and with what batches to ascend.
+
+    ``num_steps`` optimizer steps, or ``num_epochs`` passes over the target (exactly one of them).
+    ``batch_size`` examples per optimizer step (``None``: the whole target in one batch, the
+    paper's UnTrac-Inv setting); ``micro_batch_size`` examples per forward pass, the rest made up by
+    gradient accumulation. Paper defaults: UnTrac batch 1, one epoch; UnTrac-Inv whole target, 5 steps.
+    """
+
+    num_steps: Optional[int] = None
+    num_epochs: Optional[int] = 1
+    batch_size: Optional[int] = 1
+    micro_batch_size: Optional[int] = None
+    shuffle: bool = True
+    max_loss: Optional[float] = None
+
+    def __post_init__(self):
+        if (self.num_steps is None) == (self.num_epochs is None):
+            raise ValueError("unlearning: set exactly one of num_steps and num_epochs")
+        for name in ("num_steps", "num_epochs", "batch_size", "micro_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"unlearning.{name} must be >= 1, got {value}")
+
+
+def plan_micro_batches(num_examples: int, schedule: UnlearningSchedule, seed: int) -> list[dict]:
+    """Micro-batches of positions ``0..num_examples-1`` with their step boundaries.
+
+    Each entry: ``{"positions": [...], "denominator": n, "step_end": bool}`` where ``denominator``
+    is the size of the optimizer batch it belongs to (the step's gradient is the batch mean).
+    """
+    if num_examples < 1:
+        raise ValueError("an unlearning target has no examples")
+    rng = random.Random(seed)
+    batch = schedule.batch_size or num_examples
+    batch = min(batch, num_examples)
+    micro = min(schedule.micro_batch_size or batch, batch)
+
+    def epoch_order() -> list[int]:
+        order = list(range(num_examples))
+        if schedule.shuffle:
+            rng.shuffle(order)
+        return order
+
+    steps: list[list[int]] = []
+    if schedule.num_epochs is not None:
+        for _ in range(schedule.num_epochs):
+            order = epoch_order()
+            steps.extend(order[i : i + batch] for i in range(0, num_examples, batch))
+    else:
+        stream: list[int] = []
+        while len(steps) < schedule.num_steps:
+            if len(stream) < batch:
+                stream.extend(epoch_order())
+            steps.append(stream[:batch])
+            stream = stream[batch:]
+    plan = []
+    for step in steps:
+        chunks = [step[i : i + micro] for i in range(0, len(step), micro)]
+        for j, chunk in enumerate(chunks):
+            plan.append({"positions": chunk, "denominator": len(step), "step_end": j == len(chunks) - 1})
+    return plan
+
+
+def num_optimizer_steps(plan: Sequence[dict]) -> int:
+    return sum(1 for entry in plan if entry["step_end"])
+
+
+class AscentDataset(Dataset):
+    """Serves the planned micro-batches of one target, already collated (use ``batch_size=None``)."""
+
+    def __init__(self, examples: Sequence[dict], indices: Sequence[int], plan: list[dict], collator: PadCollator):
+        self.examples, self.indices, self.plan, self.collator = examples, list(indices), plan, collator
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.plan[i]
+        batch = self.collator([self.examples[self.indices[p]] for p in entry["positions"]])
+        batch["denominator"] = torch.tensor(float(entry["denominator"]))
+        batch["step_end"] = torch.tensor(entry["step_end"])
+        return batch

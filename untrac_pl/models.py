@@ -1,0 +1,160 @@
+"""Load a causal LM and its tokenizer: Hub id, local directory, or a tiny model built from a config."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from untrac_pl.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelSpec:
+    """What model to attribute with.
+
+    Either ``name_or_path`` (a Hub id or a ``save_pretrained`` directory, loaded with
+    ``AutoModelForCausalLM``/``AutoTokenizer``) or ``config`` (keyword arguments of
+    ``AutoConfig.for_model``, e.g. ``{model_type: gpt2, n_layer: 2, n_embd: 64}``) for a randomly
+    initialised model seeded with ``init_seed``. ``tokenizer`` defaults to ``name_or_path``;
+    ``train_tokenizer_vocab`` trains a byte-level BPE tokenizer on the run's own texts instead
+    (offline demos and tests). ``quantization`` (``{bits: 4|8}``) loads the base through
+    bitsandbytes; unlearning then acts on LoRA adapters (see ``lora``).
+    """
+
+    name_or_path: Optional[str] = None
+    config: Optional[dict] = None
+    tokenizer: Optional[str] = None
+    train_tokenizer_vocab: Optional[int] = None
+    dtype: DType = "float32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    init_seed: int = 0
+    revision: Optional[str] = None
+    quantization: Optional[dict] = None
+    lora: Optional[dict] = None
+    extra_kwargs: dict = field(default_factory=dict)
+
+
+def _torch_dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
+
+
+def _check_source(name: str, what: str) -> None:
+    if Path(name).expanduser().exists():
+        return
+    if _looks_like_path(name):
+        raise ModelLoadError(f"{what} path '{name}' does not exist")
+    if _hub_offline():
+        raise ModelLoadError(
+            f"{what} '{name}' is not a local directory and the Hugging Face Hub is offline "
+            "(HF_HUB_OFFLINE=1); pass a save_pretrained directory or a tiny `config`"
+        )
+
+
+def load_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
+    """The spec's tokenizer, with a pad token guaranteed (eos reused, else a new ``<pad>``)."""
+    from transformers import AutoTokenizer
+
+    if spec.train_tokenizer_vocab:
+        from untrac_pl.data.embedded import train_bpe_tokenizer
+
+        if not texts:
+            raise ModelLoadError("train_tokenizer_vocab is set but there are no texts to train the tokenizer on")
+        tokenizer = train_bpe_tokenizer(list(texts), vocab_size=spec.train_tokenizer_vocab)
+    else:
+        name = spec.tokenizer or spec.name_or_path
+        if name is None:
+            raise ModelLoadError("no tokenizer: set model.tokenizer, model.name_or_path or model.train_tokenizer_vocab")
+        _check_source(name, "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load tokenizer '{name}': {exc}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
+    """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(spec.extra_kwargs)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.quantization:
+        from untrac_pl.quantization import quantized_load_kwargs
+
+        kwargs.update(quantized_load_kwargs(spec.quantization))
+    if spec.config is not None:
+        if spec.name_or_path is not None:
+            raise ModelLoadError("set either model.name_or_path or model.config, not both")
+        config_kwargs = dict(spec.config)
+        model_type = config_kwargs.pop("model_type", None)
+        if model_type is None:
+            raise ModelLoadError("model.config needs a 'model_type' (e.g. gpt2, opt, llama)")
+        config_kwargs.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                config_kwargs.setdefault(key, value)
+        try:
+            config = AutoConfig.for_model(model_type, **config_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"invalid model.config: {exc}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype), **kwargs)
+    elif spec.name_or_path is not None:
+        _check_source(spec.name_or_path, "model")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.name_or_path,
+                dtype=_torch_dtype(spec.dtype),
+                trust_remote_code=spec.trust_remote_code,
+                revision=spec.revision,
+                use_safetensors=None,
+                **kwargs,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load model '{spec.name_or_path}': {exc}") from None
+    else:
+        raise ModelLoadError("no model: set model.name_or_path (Hub id or local directory) or model.config")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.quantization or spec.lora:
+        from untrac_pl.quantization import attach_lora
+
+        model = attach_lora(model, spec.lora or {})
+    return model
+
+
+def load_model_and_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
+    tokenizer = load_tokenizer(spec, texts)
+    return build_model(spec, tokenizer), tokenizer

@@ -1,0 +1,57 @@
+"""Optimizers for gradient-ascent unlearning (paper default: Adam, constant lr 5e-5, no clipping)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+
+OptimizerName = Literal["adam", "adamw", "sgd", "sgd_momentum", "rmsprop", "adafactor", "adam8bit", "adamw8bit"]
+
+
+@dataclass
+class OptimizerSpec:
+    """Optimizer for the ascent. The learning rate stays constant (no scheduler), as in the paper."""
+
+    name: OptimizerName = "adam"
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    alpha: float = 0.99
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError(f"optimizer.betas must lie in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters to unlearn with")
+    name = spec.name
+    if name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=spec.lr, alpha=spec.alpha, eps=spec.eps, weight_decay=spec.weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=spec.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=spec.weight_decay)
+    if name in ("adam8bit", "adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.Adam8bit if name == "adam8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer '{name}'")

@@ -1,0 +1,103 @@
+"""ScoreTable: a query-major score matrix with its row/column units, saved as safetensors.
+
+Orientation and sign are the project's convention: ``scores[row, col]`` with rows = query units
+(test examples / queries / query subsets) and columns = training units (examples or groups);
+positive = the training unit helped the model produce the query.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from untrac_pl.io import save_safetensors_atomic
+
+FORMAT_VERSION = "1"
+
+
+def _group_means(matrix: torch.Tensor, groups: list[str], dim: int) -> tuple[torch.Tensor, list[str]]:
+    names = list(dict.fromkeys(groups))
+    index = torch.tensor([names.index(g) for g in groups])
+    onehot = torch.zeros(len(names), len(groups), dtype=matrix.dtype)
+    onehot[index, torch.arange(len(groups))] = 1.0
+    onehot = onehot / onehot.sum(dim=1, keepdim=True)
+    out = onehot @ matrix if dim == 0 else matrix @ onehot.T
+    return out, names
+
+
+@dataclass
+class ScoreTable:
+    scores: torch.Tensor
+    row_ids: list[str]
+    row_groups: list[str]
+    col_ids: list[str]
+    col_groups: list[str]
+    row_unit: str
+    col_unit: str
+    method: str
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        rows, cols = self.scores.shape
+        if (rows, cols) != (len(self.row_ids), len(self.col_ids)):
+            raise ValueError(f"score matrix {tuple(self.scores.shape)} does not match {len(self.row_ids)} rows x {len(self.col_ids)} cols")
+
+    def group_level(self) -> "ScoreTable":
+        """Mean over the examples of each row group and column group (exact for loss differences)."""
+        matrix = self.scores.double()
+        if self.col_unit == "example":
+            matrix, cols = _group_means(matrix, self.col_groups, dim=1)
+        else:
+            cols = list(self.col_ids)
+        if self.row_unit in ("example", "query"):
+            matrix, rows = _group_means(matrix, self.row_groups, dim=0)
+        else:
+            rows = list(self.row_ids)
+        return ScoreTable(matrix.float(), rows, rows, cols, cols, "group", "group", self.method, dict(self.metadata))
+
+    def save(self, path: Path, extra_tensors: Optional[dict] = None) -> Path:
+        group = self.group_level()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "orientation": "query-major: scores[query_unit, train_unit]; positive = train unit helped produce the query",
+            "row_unit": self.row_unit,
+            "col_unit": self.col_unit,
+            "row_ids": json.dumps(self.row_ids),
+            "row_groups": json.dumps(self.row_groups),
+            "col_ids": json.dumps(self.col_ids),
+            "col_groups": json.dumps(self.col_groups),
+            "group_row_ids": json.dumps(group.row_ids),
+            "group_col_ids": json.dumps(group.col_ids),
+            "metadata": json.dumps(self.metadata, default=str),
+        }
+        tensors = {"scores": self.scores.float(), "group_scores": group.scores.float(), **(extra_tensors or {})}
+        return save_safetensors_atomic(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "ScoreTable":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                scores = handle.get_tensor("scores")
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ValueError(f"{path}: not a readable score file ({exc})") from None
+        missing = [k for k in ("method", "row_ids", "col_ids") if k not in meta]
+        if missing:
+            raise ValueError(f"{path}: score file metadata lacks {missing}")
+        return cls(
+            scores=scores,
+            row_ids=json.loads(meta["row_ids"]),
+            row_groups=json.loads(meta["row_groups"]),
+            col_ids=json.loads(meta["col_ids"]),
+            col_groups=json.loads(meta["col_groups"]),
+            row_unit=meta["row_unit"],
+            col_unit=meta["col_unit"],
+            method=meta["method"],
+            metadata=json.loads(meta.get("metadata", "{}")),
+        )

@@ -1,0 +1,106 @@
+"""UnTracModule: gradient-ascent unlearning in manual optimisation, loss scoring in predict_step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+
+from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.errors import NonFiniteLossError
+from untrac_pl.losses import model_per_example_loss
+from untrac_pl.models import ModelSpec, load_model_and_tokenizer
+from untrac_pl.optim import OptimizerSpec, build_optimizer
+
+
+@dataclass
+class Target:
+    """One unlearning target: ``indices`` into the corpus that is ascended on."""
+
+    id: str
+    indices: list[int]
+    seed: int
+    position: int = 0
+    total: int = 1
+
+
+class UnTracModule(pl.LightningModule):
+    """Unlearns one target per ``fit`` by gradient ascent and scores an evaluation set in ``predict``.
+
+    Ascent has exactly one negation: the module minimises ``-loss`` with an ordinary optimizer
+    (``manual_backward(-loss)``). The model is in train mode (dropout on) while unlearning and in
+    eval mode while scoring; Lightning switches the modes between ``fit`` and ``predict``.
+    ``predict_step`` returns per-example losses and, once ``base_losses`` (θ0) are set, scores
+    ``loss(θ_T) - loss(θ0)``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        unlearning: UnlearningSchedule = UnlearningSchedule(),
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_spec = model
+        self.optimizer_spec = optimizer
+        self.schedule = unlearning
+        self.automatic_optimization = False
+        self.net: Optional[torch.nn.Module] = None
+        self.tokenizer = None
+        self.base_losses: Optional[torch.Tensor] = None
+        self.target: Optional[Target] = None
+        self._step_losses: list[torch.Tensor] = []
+        self.stopped_at_max_loss = False
+
+    # -- model -----------------------------------------------------------------------------------
+    def load_model(self, texts=None) -> None:
+        """Load (or build) the model and tokenizer from the spec; ``texts`` train a tokenizer if asked."""
+        if self.net is None:
+            self.net, self.tokenizer = load_model_and_tokenizer(self.model_spec, texts)
+
+    def attach(self, net: torch.nn.Module, tokenizer) -> None:
+        """Use an already-loaded model and tokenizer (Python API)."""
+        self.net, self.tokenizer = net, tokenizer
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return model_per_example_loss(self.net, batch)
+
+    # -- unlearning ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return build_optimizer(self.optimizer_spec, self.net.parameters())
+
+    def on_train_epoch_start(self) -> None:
+        self._step_losses = []
+        self.stopped_at_max_loss = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        losses = self(batch)
+        loss = losses.sum() / batch["denominator"]
+        step = self.trainer.global_step
+        target_id = self.target.id if self.target else "?"
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(target_id, step, float(loss.detach()))
+        self.manual_backward(-loss)  # gradient ASCENT: the one and only negation
+        self._step_losses.append(loss.detach())
+        if bool(batch["step_end"]):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_loss = float(torch.stack(self._step_losses).sum())
+            self._step_losses = []
+            if self.logger is not None:
+                self.logger.log_metrics({f"ascent_loss/{target_id}": step_loss}, step=step)
+            if self.schedule.max_loss is not None and step_loss > self.schedule.max_loss:
+                self.stopped_at_max_loss = True
+                self.trainer.should_stop = True
+        return loss.detach()
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        losses = self(batch).detach().float()
+        out = {"index": batch["index"], "losses": losses}
+        if self.base_losses is not None:
+            out["scores"] = losses - self.base_losses.to(losses.device)[batch["index"]]
+        return out
