@@ -63,12 +63,19 @@ def _save_config(cli: LightningCLI, output_dir) -> None:
 
 COMMANDS: dict[str, Callable[[Optional[list[str]]], int]] = {"attribute": attribute}
 
+# (module, command functions) registered when importable; each function takes argv and returns an exit code.
+OPTIONAL_COMMANDS = (
+    ("untrac_pl.experiments.reproduce_cli", ("fit", "reproduce")),
+    ("untrac_pl.experiments.toxicity", ("toxicity",)),
+    ("untrac_pl.experiments.scaling", ("scaling",)),
+)
+
 
 def _register_optional_commands() -> None:
     """Commands that live in other modules register themselves here if importable."""
     import importlib
 
-    for module_name, names in (("untrac_pl.experiments.cli", ("fit", "reproduce", "toxicity", "scaling")),):
+    for module_name, names in OPTIONAL_COMMANDS:
         try:
             module = importlib.import_module(module_name)
         except ImportError:

@@ -179,7 +179,7 @@ class AttributionRunner:
         started = time.perf_counter()
         staged = StagedDirectory(Path(self.config.output_dir), overwrite=self.config.overwrite) if write else None
         plan = self.prepare()  # all validation happens before any output exists
-        run_dir = staged.open() if staged else Path(__import__("tempfile").mkdtemp(prefix="untrac-"))
+        run_dir = staged.open() if staged else None
         try:
             result = self._run(plan, run_dir, started, write)
         except BaseException:

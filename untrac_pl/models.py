@@ -106,7 +106,7 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     if spec.quantization:
         from untrac_pl.quantization import quantized_load_kwargs
 
-        kwargs.update(quantized_load_kwargs(spec.quantization))
+        kwargs.update(quantized_load_kwargs(spec.quantization, spec.dtype))
     if spec.config is not None:
         if spec.name_or_path is not None:
             raise ModelLoadError("set either model.name_or_path or model.config, not both")
@@ -125,7 +125,12 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
             raise ModelLoadError(f"invalid model.config: {exc}") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype), **kwargs)
+            if spec.quantization:  # bitsandbytes quantises while loading: build, save, reload
+                from untrac_pl.quantization import from_config_quantized
+
+                model = from_config_quantized(config, _torch_dtype(spec.dtype), kwargs)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype), **kwargs)
     elif spec.name_or_path is not None:
         _check_source(spec.name_or_path, "model")
         try:
@@ -146,7 +151,11 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed the switch; older releases only have the first name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.quantization or spec.lora:
         from untrac_pl.quantization import attach_lora

@@ -71,6 +71,11 @@ class UnTracModule(pl.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self.optimizer_spec, self.net.parameters())
 
+    def on_fit_start(self) -> None:
+        # Lightning >= 2.2 keeps the modules' train/eval flags in fit, and from_pretrained returns an
+        # eval-mode model: switch to train mode (dropout on) for the ascent, as the paper does.
+        self.net.train()
+
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
         self.stopped_at_max_loss = False

@@ -34,7 +34,8 @@ class RankingWriter(BasePredictionWriter):
         self._buffer: dict[int, float] = {}
 
     def begin(self, plan, output_dir: Path) -> None:
-        self.plan, self.output_dir = plan, Path(output_dir)
+        self.plan = plan
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.matrix = torch.full((len(plan.targets), len(plan.eval_corpus)), float("nan"))
         self.failed = {}
 
