@@ -151,3 +151,24 @@ def test_gradient_accumulation_matches_full_batch(tiny_spec, quickstart):
         schedule=UnlearningSchedule(num_steps=3, num_epochs=None, batch_size=None, micro_batch_size=1),
     )
     assert torch.allclose(full.table.scores, micro.table.scores, atol=1e-6)
+
+
+def test_dropout_on_while_unlearning_and_eval_mode_while_scoring(saved_model_dir, quickstart):
+    """A from_pretrained model arrives in eval mode; ascent must still run with dropout on."""
+    from lightning.pytorch.callbacks import Callback
+
+    from untrac_pl.models import ModelSpec
+
+    seen = {"train": set(), "predict": set()}
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["train"].add(pl_module.net.training)
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["predict"].add(pl_module.net.training)
+
+    module = UnTracModule(model=ModelSpec(name_or_path=str(saved_model_dir)), unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
+    dm = AttributionDataModule.from_records(_small_corpus(quickstart, 1), quickstart["queries"][:2], max_length=32)
+    run_attribution(module, dm, AttributionConfig(), dict(CPU, callbacks=[Spy()]), write=False)
+    assert seen == {"train": {True}, "predict": {False}}
