@@ -5,6 +5,7 @@ Commands: ``attribute`` (UnTrac / UnTrac-Inv). Each command is a ``LightningCLI`
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from typing import Callable, Optional
@@ -44,13 +45,16 @@ def attribute(args: Optional[list[str]] = None) -> int:
         subclass_mode_model=False,
         subclass_mode_data=False,
         auto_configure_optimizers=False,
-        parser_kwargs={"prog": "untrac-pl attribute", "description": "UnTrac / UnTrac-Inv training-data attribution"},
+        # exit_on_error=False: a config typo raises ArgumentError, reported by main() in one line
+        parser_kwargs={"prog": "untrac-pl attribute", "description": "UnTrac / UnTrac-Inv training-data attribution", "exit_on_error": False},
     )
     config = cli.config_init["attribution"]
-    result = run_attribution(cli.model, cli.datamodule, config, _trainer_kwargs(cli))
-    _save_config(cli, result.output_dir)
-    print(f"wrote {result.output_dir} ({len(result.table.row_ids)} x {len(result.table.col_ids)} scores, "
-          f"{len(result.failed)} failed targets, {result.timings['total_s']:.1f} s)")
+    # the resolved config is written inside the run directory before it is renamed into place
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+    result = run_attribution(cli.model, cli.datamodule, config, _trainer_kwargs(cli), extra_files={"config.yaml": config_text})
+    if result.output_dir is not None:  # under DDP only rank 0 writes (and reports)
+        print(f"wrote {result.output_dir} ({len(result.table.row_ids)} x {len(result.table.col_ids)} scores, "
+              f"{len(result.failed)} failed targets, {result.timings['total_s']:.1f} s)")
     return 1 if result.failed else 0
 
 
@@ -100,8 +104,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[command](rest) or 0
     except (UnTracError, FileExistsError, ValueError) as exc:
-        print(f"untrac-pl {command}: error: {exc}", file=sys.stderr)
+        print(f"untrac-pl {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except argparse.ArgumentError as exc:  # config typos, wrong types, unknown keys (jsonargparse)
+        print(f"untrac-pl {command}: error: {' '.join(str(exc).split())} (see untrac-pl {command} --help)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"untrac-pl {command}: interrupted; finished targets are kept: re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

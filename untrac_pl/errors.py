@@ -32,3 +32,15 @@ class NonFiniteLossError(UnTracError, FloatingPointError):
     def __init__(self, target_id: str, step: int, value: float):
         super().__init__(f"non-finite ascent loss {value} for target '{target_id}' at optimizer step {step}")
         self.target_id, self.step, self.value = target_id, step, value
+
+
+class OutputWriteError(UnTracError, OSError):
+    """An output file could not be written (disk full, quota, permissions); nothing half-written is left."""
+
+
+class ResumeConflictError(UnTracError, ValueError):
+    """``<output_dir>.partial`` holds results that must not be mixed with this run (or another run holds it)."""
+
+
+class NonFiniteBaseLossError(UnTracError, FloatingPointError):
+    """The model's losses at θ0 (before any unlearning) are NaN/inf: the checkpoint or dtype is broken."""

@@ -2,9 +2,15 @@
 
 A run builds its outputs in ``<output_dir>.partial`` and renames the directory when it completes,
 so a crash never leaves a directory (or file) that looks whole.
+
+Every byte goes through :func:`_sync` (flush + fsync) before the rename, so a full disk surfaces as
+:class:`~untrac_pl.errors.OutputWriteError` here, with the temporary file removed, instead of a
+truncated file under the final name. Safetensors files are written by :func:`write_safetensors`,
+a deterministic writer (sorted header), so the same tensors and metadata give the same bytes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,18 +18,46 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from untrac_pl.errors import OutputWriteError
+
+# errno values that mean "the disk (or quota) is full": reported as OutputWriteError.
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def _sync(handle) -> None:
+    """Flush and fsync an open file (the single point where late write errors surface)."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _write_error(path: Path, exc: OSError) -> OutputWriteError:
+    if exc.errno in _FULL:
+        reason = f"no space left on device ({exc.strerror or exc})"
+    else:
+        reason = f"{exc.strerror or exc}"
+    error = OutputWriteError(f"could not write '{path}': {reason}")
+    error.errno = exc.errno
+    return error
+
 
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            raise _write_error(path, exc) from exc
         raise
     return path
 
@@ -32,8 +66,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+            _sync(handle)
 
     return _atomic(path, write)
 
@@ -42,11 +75,50 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+def write_safetensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write a safetensors file with a sorted header: identical inputs give identical bytes.
+
+    (``safetensors.torch.save_file`` orders ``__metadata__`` by a per-process hash, so two runs
+    with the same scores would otherwise differ byte-wise.) Readable by ``safetensors.safe_open``.
+    """
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot write tensor '{name}' of dtype {tensor.dtype} to safetensors")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for data in blobs:
+            handle.write(data)
+        _sync(handle)
+
+
+def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    return _atomic(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
+
+
+def append_line_durable(path: Path, line: str) -> None:
+    """Append one line (JSONL) and fsync it. A torn last line after a crash is skipped by readers."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+            _sync(handle)
+    except OSError as exc:
+        raise _write_error(Path(path), exc) from exc
 
 
 class StagedDirectory:

@@ -87,6 +87,8 @@ def load_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load tokenizer '{name}': {exc}") from None
+        except Exception as exc:  # the `tokenizers` backend raises a bare Exception on a corrupt tokenizer.json
+            raise ModelLoadError(f"could not load tokenizer '{name}': {type(exc).__name__}: {exc}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -101,6 +103,12 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(spec.extra_kwargs)
+    # safe loading (docs/safety.md): no way around weights_only / trust_remote_code via extra_kwargs
+    if "trust_remote_code" in kwargs:
+        raise ModelLoadError("set model.trust_remote_code, not model.extra_kwargs.trust_remote_code")
+    if kwargs.get("weights_only", True) is not True:
+        raise ModelLoadError("model.extra_kwargs.weights_only=false would unpickle arbitrary objects; "
+                             "convert the checkpoint to safetensors instead")
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
@@ -144,6 +152,8 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model '{spec.name_or_path}': {exc}") from None
+        except Exception as exc:
+            raise _weights_error(spec.name_or_path, exc) from None
     else:
         raise ModelLoadError("no model: set model.name_or_path (Hub id or local directory) or model.config")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -160,8 +170,34 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     if spec.quantization or spec.lora:
         from untrac_pl.quantization import attach_lora
 
-        model = attach_lora(model, spec.lora or {})
+        model = attach_lora(model, spec.lora or {}, seed=spec.init_seed)
     return model
+
+
+def _weights_error(name: str, exc: Exception) -> Exception:
+    """A clear ModelLoadError for corrupt safetensors and refused pickles; anything else unchanged."""
+    import pickle
+
+    kind = type(exc).__name__
+    if kind == "SafetensorError":
+        return ModelLoadError(f"could not load model '{name}': a weights file is corrupt or truncated (safetensors: {exc})")
+    if isinstance(exc, pickle.UnpicklingError):
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else kind
+        return ModelLoadError(
+            f"could not load model '{name}': its pickle weights (.bin/.pt) hold more than tensors and were refused "
+            f"(loaded with torch.load(weights_only=True); convert them to safetensors): {first}"
+        )
+    return exc
+
+
+def context_length(net) -> Optional[int]:
+    """The model's maximum number of positions (``n_positions``/``max_position_embeddings``), if it says."""
+    config = getattr(net, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model_and_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):

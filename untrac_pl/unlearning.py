@@ -53,6 +53,9 @@ class UnTracModule(pl.LightningModule):
         self.target: Optional[Target] = None
         self._step_losses: list[torch.Tensor] = []
         self.stopped_at_max_loss = False
+        # targets_per_pass > 1 (untrac_pl.multiquery): targets scored together, one parameter set each
+        self.pass_targets: Optional[list[Target]] = None
+        self.pass_parameters: Optional[list[dict]] = None
 
     # -- model -----------------------------------------------------------------------------------
     def load_model(self, texts=None) -> None:
@@ -79,6 +82,16 @@ class UnTracModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
         self.stopped_at_max_loss = False
+        self.amp_skipped_steps = 0
+
+    def on_train_end(self) -> None:
+        skipped = getattr(self, "amp_skipped_steps", 0)
+        if skipped:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "target %s: %d optimizer step(s) skipped by the 16-mixed GradScaler (fp16 overflow); "
+                "bf16-mixed has no loss scaling and skips none", self.target.id if self.target else "?", skipped)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
@@ -91,7 +104,11 @@ class UnTracModule(pl.LightningModule):
         self.manual_backward(-loss)  # gradient ASCENT: the one and only negation
         self._step_losses.append(loss.detach())
         if bool(batch["step_end"]):
-            opt.step()
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed loss scaling
+            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+            opt.step()  # with a scaler: unscale, skip on inf/nan gradients, update the scale
+            if scale is not None and scaler.get_scale() < scale:
+                self.amp_skipped_steps = getattr(self, "amp_skipped_steps", 0) + 1
             opt.zero_grad(set_to_none=True)
             step_loss = float(torch.stack(self._step_losses).sum())
             self._step_losses = []
@@ -104,7 +121,12 @@ class UnTracModule(pl.LightningModule):
 
     # -- scoring ---------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        losses = self(batch).detach().float()
+        if self.pass_parameters:  # k targets on one collated batch: scores [k, B]
+            from untrac_pl.multiquery import losses_with_parameter_sets
+
+            losses = losses_with_parameter_sets(self.net, self.pass_parameters, batch).detach().float()
+        else:
+            losses = self(batch).detach().float()
         out = {"index": batch["index"], "losses": losses}
         if self.base_losses is not None:
             out["scores"] = losses - self.base_losses.to(losses.device)[batch["index"]]

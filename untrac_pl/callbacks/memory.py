@@ -33,8 +33,24 @@ class MemoryMonitor(Callback):
     def __init__(self):
         self.peaks: dict[str, int] = {}
         self.device_kind = "cpu"
+        self.model: dict = {}
+
+    @staticmethod
+    def footprint(net: torch.nn.Module) -> dict:
+        """Bytes held by the model's tensors (quantised weights count at their packed size)."""
+        params = list(net.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        return {
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in net.buffers()),
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "quantized": any(p.dtype in (torch.int8, torch.uint8) for p in params),
+        }
 
     def _start(self, pl_module: pl.LightningModule) -> None:
+        if not self.model and getattr(pl_module, "net", None) is not None:
+            self.model = self.footprint(pl_module.net)
         if pl_module.device.type == "cuda":
             self.device_kind = "cuda"
             torch.cuda.synchronize(pl_module.device)
@@ -71,7 +87,10 @@ class MemoryMonitor(Callback):
 
     def report(self) -> dict:
         measure = "torch.cuda.max_memory_allocated" if self.device_kind == "cuda" else "process RSS sampled per batch"
-        return {
+        report = {
             phase: {"peak_bytes": value, "peak_gb": round(value / 2**30, 4), "device": self.device_kind, "measure": measure}
             for phase, value in self.peaks.items()
         }
+        if self.model:
+            report["model"] = dict(self.model)  # static footprint: parameters, adapters, quantisation
+        return report

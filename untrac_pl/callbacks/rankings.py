@@ -31,39 +31,72 @@ class RankingWriter(BasePredictionWriter):
         self.plan = None
         self.matrix: Optional[torch.Tensor] = None
         self.failed: dict[str, dict] = {}
-        self._buffer: dict[int, float] = {}
+        self._buffer: dict[int, dict[int, float]] = {}  # slot in the pass -> {eval index: score}
+        self._positions: dict[str, int] = {}
 
     def begin(self, plan, output_dir: Path) -> None:
         self.plan = plan
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.matrix = torch.full((len(plan.targets), len(plan.eval_corpus)), float("nan"))
         self.failed = {}
+        self._positions = {t.id: t.position for t in plan.targets}
 
     # -- collection ------------------------------------------------------------------------------
+    @staticmethod
+    def _pass_targets(pl_module) -> list:
+        """Targets scored by this predict pass: several with ``targets_per_pass`` > 1, else the one."""
+        targets = getattr(pl_module, "pass_targets", None)
+        if targets:
+            return list(targets)
+        target = getattr(pl_module, "target", None)
+        return [] if target is None else [target]
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if getattr(pl_module, "target", None) is None or "scores" not in prediction:
             return
-        for index, score in zip(prediction["index"].tolist(), prediction["scores"].tolist()):
-            self._buffer[index] = score
+        scores = prediction["scores"]
+        rows = scores.tolist() if scores.dim() == 2 else [scores.tolist()]
+        indices = prediction["index"].tolist()
+        for slot, row in enumerate(rows):
+            buffer = self._buffer.setdefault(slot, {})
+            for index, score in zip(indices, row):
+                buffer[index] = score
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        target = getattr(pl_module, "target", None)
-        if target is None or self.matrix is None:
+        targets = self._pass_targets(pl_module)
+        if not targets or self.matrix is None:
             self._buffer = {}
             return
-        row = torch.full((self.matrix.shape[1],), float("nan"))
-        for index, score in self._buffer.items():
-            row[index] = score
+        rows = torch.full((len(targets), self.matrix.shape[1]), float("nan"))
+        for slot, buffer in self._buffer.items():
+            for index, score in buffer.items():
+                rows[slot, index] = score
         self._buffer = {}
-        if not torch.isfinite(row).all():
-            self.mark_failed(target.id, "non-finite or missing scores after unlearning", step=None)
-            return
-        self.matrix[target.position] = row
+        from untrac_pl.distributed import merge_across_ranks
+
+        rows = merge_across_ranks(rows)  # under DDP each rank scored a shard: merge by index
+        for target, row in zip(targets, rows):
+            if not torch.isfinite(row).all():
+                self.mark_failed(target.id, "non-finite or missing scores after unlearning", step=None)
+                continue
+            self.matrix[target.position] = row
 
     def mark_failed(self, target_id: str, reason: str, step: Optional[int]) -> None:
         self.failed[target_id] = {"reason": reason, "step": step}
-        position = [t.id for t in self.plan.targets].index(target_id)
-        self.matrix[position] = float("nan")
+        self.matrix[self._positions[target_id]] = float("nan")
+
+    def set_row(self, target_id: str, row: torch.Tensor) -> None:
+        """Put a finished target's score row in place (used when resuming a run)."""
+        self.matrix[self._positions[target_id]] = row.float()
+
+    def row(self, target_id: str) -> torch.Tensor:
+        return self.matrix[self._positions[target_id]]
+
+    def ordered_failed(self) -> dict:
+        """Failed targets in plan order (not completion order), so outputs never depend on the order."""
+        if self.plan is None:
+            return dict(self.failed)
+        return {t.id: self.failed[t.id] for t in self.plan.targets if t.id in self.failed}
 
     # -- output ----------------------------------------------------------------------------------
     def table(self, metadata: dict) -> ScoreTable:
@@ -71,7 +104,7 @@ class RankingWriter(BasePredictionWriter):
         target_ids = [t.id for t in plan.targets]
         target_groups = plan.target_groups
         eval_ids, eval_groups = plan.eval_corpus.ids, [r["group"] for r in plan.eval_corpus.records]
-        meta = dict(metadata, failed_targets=self.failed)
+        meta = dict(metadata, failed_targets=self.ordered_failed())
         if plan.targets_are_rows:
             return ScoreTable(self.matrix.clone(), target_ids, target_groups, eval_ids, eval_groups, plan.target_unit, "example", plan.method, meta)
         return ScoreTable(self.matrix.T.clone(), eval_ids, eval_groups, target_ids, target_groups, "example", plan.target_unit, plan.method, meta)
@@ -116,7 +149,7 @@ class RankingWriter(BasePredictionWriter):
             "col_unit": table.col_unit,
             "sign": "positive = the training unit helped produce the query (unlearning it raises the query loss)",
             "top_k": self.top_k,
-            "failed_targets": self.failed,
+            "failed_targets": self.ordered_failed(),
             "queries": queries,
             "query_groups": group_rankings,
         }

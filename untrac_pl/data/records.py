@@ -67,6 +67,8 @@ def _make_record(raw: dict, source: DataSource, position: int, line: Optional[in
     group = source.group if source.group is not None else raw.get(source.group_field)
     if group is None:
         group = Path(source.path).stem
+    if not str(group).strip():
+        raise DataError("group is empty (every record needs a non-empty group name)", field=source.group_field, **where)
     rec_id = raw.get(source.id_field)
     rec_id = f"{Path(source.path).stem}:{position}" if rec_id is None or rec_id == "" else str(rec_id)
     has_text = source.text_field in raw
@@ -98,7 +100,7 @@ def _make_record(raw: dict, source: DataSource, position: int, line: Optional[in
 
 def _read_jsonl(source: DataSource) -> Iterable[tuple[dict, int]]:
     try:
-        handle = open(source.path, encoding="utf-8")
+        handle = open(source.path, encoding="utf-8-sig")  # -sig: a leading BOM is skipped
     except FileNotFoundError:
         raise DataError("file not found", source=source.path) from None
     with handle:
@@ -117,7 +119,7 @@ def _read_jsonl(source: DataSource) -> Iterable[tuple[dict, int]]:
 def _read_csv(source: DataSource) -> Iterable[tuple[dict, int]]:
     delimiter = "\t" if source.path.lower().endswith(".tsv") else ","
     try:
-        handle = open(source.path, encoding="utf-8", newline="")
+        handle = open(source.path, encoding="utf-8-sig", newline="")  # a BOM would rename the first column
     except FileNotFoundError:
         raise DataError("file not found", source=source.path) from None
     with handle:
@@ -135,7 +137,7 @@ def _read_csv(source: DataSource) -> Iterable[tuple[dict, int]]:
 
 def _read_text(source: DataSource) -> Iterable[tuple[dict, int]]:
     try:
-        content = Path(source.path).read_text(encoding="utf-8")
+        content = Path(source.path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError("file not found", source=source.path) from None
     except UnicodeDecodeError as exc:

@@ -1,6 +1,7 @@
 """The ascent schedule of one unlearning target: which examples go in which micro-batch."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -35,6 +36,8 @@ class UnlearningSchedule:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"unlearning.{name} must be >= 1, got {value}")
+        if self.max_loss is not None and not (math.isfinite(self.max_loss) and self.max_loss > 0):
+            raise ValueError(f"unlearning.max_loss must be a finite number > 0 (a per-example NLL), got {self.max_loss}")
 
 
 def plan_micro_batches(num_examples: int, schedule: UnlearningSchedule, seed: int) -> list[dict]:

@@ -1,0 +1,440 @@
+"""Baselines (GradDot, GradCos, TracIn, HIF) against brute-force autograd references on tiny models."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from untrac_pl.baselines import (
+    GradientComputer,
+    HessianOperator,
+    RandomProjector,
+    compute_baseline_scores,
+    gradcos,
+    graddot,
+    hif_arnoldi,
+    hif_lissa,
+    select_params,
+    tracin,
+)
+from untrac_pl.baselines._inputs import as_batches
+from untrac_pl.baselines.gradients import ParamSpace, batch_losses
+from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
+from untrac_pl.losses import IGNORE_INDEX, per_example_loss
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is fastest and avoids oversubscription on a busy 2-core box
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_gpt2(n_layer=2, n_embd=32, vocab=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=32,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="eager").eval()
+
+
+def make_examples(n, vocab, seed, min_len=5, max_len=12, prompt_every=2):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        ids = torch.randint(2, vocab, (length,), generator=gen).tolist()
+        labels = list(ids)
+        if i % prompt_every == 0:  # prompt + completion: no loss on the first 3 tokens
+            labels[:3] = [IGNORE_INDEX] * 3
+        out.append({"input_ids": ids, "labels": labels, "index": i})
+    return out
+
+
+def example_loss(model, ex):
+    ids = torch.tensor(ex["input_ids"])[None]
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return per_example_loss(out.logits, torch.tensor(ex["labels"])[None])[0]
+
+
+def brute_grad(model, examples, names):
+    """Gradient of the MEAN loss of ``examples`` by loss.backward(), flattened over ``names``."""
+    params = dict(model.named_parameters())
+    model.zero_grad()
+    torch.stack([example_loss(model, ex) for ex in examples]).mean().backward()
+    flat = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
+                      for n in names])
+    model.zero_grad()
+    return flat.detach().clone()
+
+
+def brute_grads(model, examples, names):
+    return torch.stack([brute_grad(model, [ex], names) for ex in examples])
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def pearson(a, b):
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_gpt2()
+    train = make_examples(10, 64, seed=1)
+    queries = make_examples(4, 64, seed=2)
+    names = list(select_params(model))
+    return model, train, queries, names, brute_grads(model, train, names), brute_grads(model, queries, names)
+
+
+TRAIN_GROUPS = ["a", "b", "c", "a", "b", "c", "a", "a", "b", "c"]
+QUERY_GROUPS = ["x", "y", "x", "y"]
+
+
+def members(groups, name):
+    return [i for i, g in enumerate(groups) if g == name]
+
+
+# --------------------------------------------------------------------------------------------------
+def test_graddot_matches_bruteforce(setup):
+    model, train, queries, _, Gt, Gq = setup
+    out = graddot(model, train, queries, batch_size=4)
+    torch.testing.assert_close(out["example_scores"], Gq @ Gt.T, rtol=1e-4, atol=ATOL)
+    assert out["group_scores"] is None
+
+
+def test_gradcos_matches_bruteforce(setup):
+    model, train, queries, _, Gt, Gq = setup
+    out = compute_baseline_scores("gradcos", model, train, queries, batch_size=3)
+    torch.testing.assert_close(out["example_scores"], unit(Gq) @ unit(Gt).T, rtol=1e-4, atol=ATOL)
+
+
+def test_columns_follow_index_with_length_sorted_batches(setup):
+    model, train, queries, _, Gt, Gq = setup
+    sampler = LengthSortedBatchSampler([len(e["input_ids"]) for e in train], batch_size=4)
+    collate = PadCollator(pad_token_id=0)
+    batches = [collate([train[i] for i in idx]) for idx in sampler]
+    assert batches[0]["index"].tolist() != [0, 1, 2, 3]  # really permuted
+    out = graddot(model, batches, queries)
+    torch.testing.assert_close(out["example_scores"], Gq @ Gt.T, rtol=1e-4, atol=ATOL)
+
+
+def test_vmap_and_loop_agree_and_fallback_warns(setup):
+    model, train, queries, _, Gt, Gq = setup
+    loop = graddot(model, train, queries, use_vmap=False)["example_scores"]
+    torch.testing.assert_close(loop, Gq @ Gt.T, rtol=1e-4, atol=ATOL)
+    gc = GradientComputer(model)
+
+    def broken(*a, **k):
+        raise RuntimeError("data-dependent control flow")
+
+    gc._vmapped = broken
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        g = gc.per_example(as_batches(queries)[0])
+    torch.testing.assert_close(g, Gq, rtol=1e-4, atol=ATOL)
+    assert gc.use_vmap is False
+
+
+def test_works_inside_inference_mode(setup):
+    # e.g. called from a Lightning predict_step with the default Trainer(inference_mode=True)
+    model, train, queries, _, Gt, Gq = setup
+    with torch.inference_mode():
+        batches = [PadCollator(0)(train[:5]), PadCollator(0)(train[5:])]
+        out = graddot(model, batches, queries)
+    torch.testing.assert_close(out["example_scores"], Gq @ Gt.T, rtol=1e-4, atol=ATOL)
+
+
+def test_sdpa_model_falls_back_to_loop():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1)
+    model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").eval()
+    train, queries = make_examples(4, 32, seed=31), make_examples(2, 32, seed=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap may or may not fail on SDPA depending on versions
+        out = graddot(model, train, queries)
+    names = list(select_params(model))
+    want = brute_grads(model, queries, names) @ brute_grads(model, train, names).T
+    torch.testing.assert_close(out["example_scores"], want, rtol=1e-4, atol=ATOL)
+
+
+def test_param_filter_prefix_regex_and_restricted_scores(setup):
+    model, train, queries, _, _, _ = setup
+    by_prefix = list(select_params(model, ["transformer.h.1"]))
+    assert by_prefix and all(n.startswith("transformer.h.1.") for n in by_prefix)
+    by_regex = list(select_params(model, r"mlp\.c_fc"))
+    assert by_regex == ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
+                        "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(ValueError):
+        select_params(model, "no_such_module")
+    Gt = brute_grads(model, train, by_prefix)
+    Gq = brute_grads(model, queries, by_prefix)
+    out = graddot(model, train, queries, params=["transformer.h.1"])
+    assert out["info"]["n_params"] == Gt.shape[1]
+    torch.testing.assert_close(out["example_scores"], Gq @ Gt.T, rtol=1e-4, atol=ATOL)
+
+
+def test_group_scores_equal_bruteforce_group_gradients(setup):
+    model, train, queries, names, Gt, Gq = setup
+    tg_names, qg_names = ["a", "b", "c"], ["x", "y"]
+    Gk = torch.stack([brute_grad(model, [train[i] for i in members(TRAIN_GROUPS, g)], names) for g in tg_names])
+    Gqg = torch.stack([brute_grad(model, [queries[i] for i in members(QUERY_GROUPS, g)], names) for g in qg_names])
+
+    dot = graddot(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, batch_size=4)
+    assert dot["train_groups"] == tg_names and dot["query_groups"] == qg_names
+    assert (dot["group_rows"], dot["group_cols"]) == ("query_group", "train_group")
+    torch.testing.assert_close(dot["group_scores"], Gqg @ Gk.T, rtol=1e-4, atol=ATOL)
+
+    cos = gradcos(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, batch_size=4)
+    torch.testing.assert_close(cos["group_scores"], unit(Gqg) @ unit(Gk).T, rtol=1e-4, atol=ATOL)
+
+    # "example" reading: normalise every example gradient, then average over the group's members
+    cos_ex = gradcos(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS,
+                     group_normalize="example")
+    C = unit(Gq) @ unit(Gt).T
+    want = torch.tensor([[C[members(QUERY_GROUPS, q)][:, members(TRAIN_GROUPS, t)].mean() for t in tg_names]
+                         for q in qg_names])
+    torch.testing.assert_close(cos_ex["group_scores"], want, rtol=1e-4, atol=ATOL)
+
+    # only train groups: rows are query examples; only query groups: columns are train examples
+    only_t = graddot(model, train, queries, train_groups=TRAIN_GROUPS)
+    assert (only_t["group_rows"], only_t["group_cols"]) == ("query_example", "train_group")
+    torch.testing.assert_close(only_t["group_scores"], Gq @ Gk.T, rtol=1e-4, atol=ATOL)
+    only_q = graddot(model, train, queries, query_groups=QUERY_GROUPS)
+    torch.testing.assert_close(only_q["group_scores"], Gqg @ Gt.T, rtol=1e-4, atol=ATOL)
+    with pytest.raises(ValueError):
+        graddot(model, train, queries, train_groups=TRAIN_GROUPS[:-1])
+
+
+def test_tracin_matches_bruteforce_and_restores_weights(setup, tmp_path):
+    model, train, queries, names, _, _ = setup
+    from safetensors.torch import save_file
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    sds = [{n: (p.detach() + 0.05 * torch.randn(p.shape, generator=gen)).contiguous()
+            for n, p in model.named_parameters()} for _ in range(3)]
+    path = tmp_path / "ckpt1.safetensors"
+    save_file(sds[1], str(path))
+    lrs = [0.1, 0.05, 0.02]
+    checkpoints = [(sds[0], lrs[0]), (str(path), lrs[1]), (sds[2], lrs[2])]
+
+    want = want_raw = want_g = 0
+    tg_names = ["a", "b", "c"]
+    for sd, lr in zip(sds, lrs):
+        m = copy.deepcopy(model)
+        m.load_state_dict(sd, strict=False)
+        Gt, Gq = brute_grads(m, train, names), brute_grads(m, queries, names)
+        Gk = torch.stack([brute_grad(m, [train[i] for i in members(TRAIN_GROUPS, g)], names) for g in tg_names])
+        want = want + lr * Gq @ unit(Gt).T
+        want_raw = want_raw + lr * Gq @ Gt.T
+        want_g = want_g + lr * Gq @ unit(Gk).T
+
+    out = tracin(model, train, queries, checkpoints=checkpoints, train_groups=TRAIN_GROUPS, batch_size=4)
+    torch.testing.assert_close(out["example_scores"], want, rtol=1e-4, atol=ATOL)
+    torch.testing.assert_close(out["group_scores"], want_g, rtol=1e-4, atol=ATOL)
+    raw = tracin(model, train, queries, checkpoints=checkpoints, normalize_train=False)
+    torch.testing.assert_close(raw["example_scores"], want_raw, rtol=1e-4, atol=ATOL)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_random_projection_preserves_graddot_and_is_deterministic(setup, hess_setup):
+    model, train, queries, _, Gt, Gq = setup
+    a = graddot(model, train, queries, projection_dim=128, projection_seed=7)
+    b = graddot(model, train, queries, projection_dim=128, projection_seed=7)
+    c = graddot(model, train, queries, projection_dim=128, projection_seed=8)
+    assert a["example_scores"].shape == (4, 10)
+    assert torch.equal(a["example_scores"], b["example_scores"])
+    assert not torch.equal(a["example_scores"], c["example_scores"])
+    # large d (relative to the gradients' angles) on the 1144-parameter model: close to exact
+    model, train, queries, _, _, Gt, Gq = hess_setup
+    exact = Gq @ Gt.T
+    for seed in (0, 1):
+        proj = graddot(model, train, queries, projection_dim=4096, projection_seed=seed)["example_scores"]
+        assert pearson(proj, exact) > 0.97
+    # block-wise regeneration (no cache) = cached matrix; gaussian kind also unbiased-ish
+    x = torch.randn(3, 5000)
+    p1 = RandomProjector(5000, 64, seed=1, block_rows=1024)
+    p2 = RandomProjector(5000, 64, seed=1, block_rows=1024, cache_bytes=0)
+    torch.testing.assert_close(p1(x), p2(x))
+    pg = RandomProjector(5000, 4096, seed=1, kind="gaussian")
+    y = pg(x)
+    assert pearson(y @ y.T, x @ x.T) > 0.95
+
+
+def test_dispatch_and_errors(setup):
+    model, train, queries, _, _, _ = setup
+    with pytest.raises(ValueError, match="unknown baseline"):
+        compute_baseline_scores("nope", model, train, queries)
+    with pytest.raises(ValueError, match="checkpoint"):
+        tracin(model, train, queries, checkpoints=[])
+    with pytest.raises(ValueError, match="projection_dim"):
+        hif_arnoldi(model, train, queries, projection_dim=16)
+
+
+def test_ekfac_needs_kronfluence(setup):
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        model, train, queries, _, _, _ = setup
+        with pytest.raises(ImportError, match="pip install --no-deps kronfluence"):
+            compute_baseline_scores("ekfac", model, train, queries)
+    else:
+        pytest.skip("kronfluence installed; the EK-FAC path is not covered by this suite")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hessian methods against the exact damped inverse Hessian of a very small model
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hess_setup():
+    model = tiny_gpt2(n_layer=1, n_embd=8, vocab=16, seed=5)  # 1144 parameters
+    train = make_examples(8, 16, seed=11, min_len=5, max_len=8)
+    queries = make_examples(3, 16, seed=12, min_len=5, max_len=8)
+    gc = GradientComputer(model)
+    space = ParamSpace(gc.named)
+    flat0 = space.flatten(gc.params())
+    batch = as_batches(train, batch_size=16)[0]
+
+    def mean_loss(flat):
+        return batch_losses(model, space.unflatten(flat), batch).mean()
+
+    # NB: torch.func.hessian / jacfwd(jacrev(f)) return a wrong, asymmetric Hessian through layer_norm
+    # (torch 2.13 CPU: a nested-vmap batching problem); jacfwd(grad(f)) is right. Check it independently.
+    H = torch.func.jacfwd(torch.func.grad(mean_loss))(flat0).detach()
+    assert (H - H.T).abs().max() < 1e-4 * H.abs().max()
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
+    ref = torch.autograd.functional.hvp(mean_loss, flat0, v)[1]  # plain double backward, no torch.func
+    torch.testing.assert_close(H @ v, ref, rtol=1e-4, atol=1e-5)
+    H = 0.5 * (H + H.T)
+    evals = torch.linalg.eigvalsh(H.double())
+    names = list(gc.named)
+    return model, train, queries, H, evals, brute_grads(model, train, names), brute_grads(model, queries, names)
+
+
+def exact_influence(H, Gq, Gt, damping):
+    A = H.double() + damping * torch.eye(H.shape[0], dtype=torch.float64)
+    return (Gq.double() @ torch.linalg.solve(A, Gt.double().T)).float()
+
+
+def test_hvp_modes_match_full_hessian(hess_setup):
+    model, train, _, H, _, _, _ = hess_setup
+    gc = GradientComputer(model)
+    V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0))
+    batches = as_batches(train, batch_size=3)  # 3 uneven batches: the mean must weigh examples equally
+    for mode in ("fwd_rev", "rev_rev"):
+        op = HessianOperator(gc, batches, mode=mode)
+        torch.testing.assert_close(op(V), V @ H.T, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(op(V[0]), H @ V[0], rtol=1e-3, atol=1e-4)
+
+
+def test_lissa_matches_exact_inverse_hessian(hess_setup):
+    model, train, queries, H, evals, Gt, Gq = hess_setup
+    lam_min, lam_max = float(evals[0]), float(evals[-1])
+    damping = -lam_min + 0.5 * lam_max  # contraction factor <= 1 - 0.5 lam_max / scale ~ 0.8 per step
+    scale = 1.05 * (lam_max + damping)
+    exact = exact_influence(H, Gq, Gt, damping)
+    out = hif_lissa(model, train, queries, damping=damping, scale=scale, iterations=25, stochastic=False,
+                    batch_size=16,
+                    train_groups=[i % 2 for i in range(8)])
+    assert out["info"]["damping"] == damping
+    assert pearson(out["example_scores"], exact) >= 0.9
+    # group scores: bilinear, so = means of example scores over the group's members
+    S = out["example_scores"]
+    torch.testing.assert_close(out["group_scores"], torch.stack([S[:, 0::2].mean(1), S[:, 1::2].mean(1)], 1),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_arnoldi_matches_exact_inverse_hessian(hess_setup):
+    model, train, queries, H, evals, Gt, Gq = hess_setup
+    damping = float(-evals[0]) + 0.05 * float(evals[-1])
+    exact = exact_influence(H, Gq, Gt, damping)
+    out = hif_arnoldi(model, train, queries, damping=damping, iterations=30, top_k=15, batch_size=16,
+                      train_groups=[0, 0, 1, 1, 2, 2, 3, 3])
+    assert pearson(out["example_scores"], exact) >= 0.9
+    Gk = torch.stack([Gt[2 * k:2 * k + 2].mean(0) for k in range(4)])
+    assert pearson(out["group_scores"], exact_influence(H, Gq, Gk, damping)) >= 0.9
+
+
+def test_auto_damping_exceeds_most_negative_curvature(hess_setup):
+    model, train, queries, H, evals, _, _ = hess_setup
+    lam_min = float(evals[0])
+    assert lam_min < 0  # a random-init LM has negative curvature: damping matters
+    out = hif_lissa(model, train, queries, iterations=1, damping_iterations=15, batch_size=16)
+    assert out["info"]["damping"] > -lam_min
+    assert out["info"]["lambda_min_est"] >= lam_min - 1e-3  # Ritz values lie inside the spectrum
+    with pytest.warns(RuntimeWarning, match="does not exceed"):
+        hif_lissa(model, train, queries, damping=0.0, iterations=1, damping_iterations=8, batch_size=16)
+
+
+# --------------------------------------------------------------------------------------------------
+# optional: peft (LoRA parameters) and captum (TracInCP)
+# --------------------------------------------------------------------------------------------------
+def test_lora_params_selected_by_default():
+    peft = pytest.importorskip("peft")
+    base = tiny_gpt2(seed=3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                      init_lora_weights="gaussian"))
+    model.eval()
+    train, queries = make_examples(5, 64, seed=21), make_examples(2, 64, seed=22)
+    names = list(select_params(model))
+    assert names and all("lora_" in n for n in names)
+    assert list(select_params(model, "lora_A")) == [n for n in names if "lora_A" in n]
+    out = graddot(model, train, queries)
+    torch.testing.assert_close(out["example_scores"],
+                               brute_grads(model, queries, names) @ brute_grads(model, train, names).T,
+                               rtol=1e-4, atol=ATOL)
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_captum_tracincp_agrees(setup, tmp_path):
+    captum_tracincp = pytest.importorskip("captum.influence", reason="captum not installed").TracInCP
+    model, train, queries, _, _, _ = setup
+    wrapped = _LogitsOnly(copy.deepcopy(model)).eval()
+    gen = torch.Generator().manual_seed(9)
+    ckpts, paths = [], []
+    for c, lr in enumerate([0.1, 0.03]):
+        sd = {n: (p.detach() + 0.05 * torch.randn(p.shape, generator=gen)) for n, p in model.named_parameters()}
+        ckpts.append((sd, lr))
+        path = tmp_path / f"c{c}.pt"
+        torch.save({"state": {"lm." + n: v for n, v in sd.items()}, "lr": lr}, path)
+        paths.append(str(path))
+
+    def load(m, path):
+        blob = torch.load(path)
+        m.load_state_dict(blob["state"], strict=False)
+        return blob["lr"]
+
+    collate = PadCollator(0)
+    tb, qb = collate(train), collate(queries)
+    dataset = torch.utils.data.TensorDataset(tb["input_ids"], tb["attention_mask"], tb["labels"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = captum_tracincp(wrapped, dataset, paths, checkpoints_load_func=load,
+                              loss_fn=per_example_loss, batch_size=4)
+        theirs = ref.influence((qb["input_ids"], qb["attention_mask"], qb["labels"]))
+    ours = tracin(model, train, queries, checkpoints=ckpts, normalize_train=False)["example_scores"]
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=1e-5)

@@ -1,0 +1,137 @@
+"""DDP: two CPU processes (gloo) score shards of the evaluation set; the merged scores equal a
+single process's, and every rank unlearns every target identically.
+
+The DDP run happens in a subprocess (Lightning's launcher re-runs that script as rank 1), once with
+one target per pass and once with ``targets_per_pass: 2``; the single-process reference runs here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from untrac_pl.distributed import ShardedBatchSampler, merge_across_ranks, may_be_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    '''
+    import hashlib, json, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+    from untrac_pl.data.datamodule import AttributionDataModule
+    from untrac_pl.data.embedded import quickstart_corpus
+    from untrac_pl.data.schedule import UnlearningSchedule
+    from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.models import ModelSpec
+    from untrac_pl.optim import OptimizerSpec
+    from untrac_pl.unlearning import UnTracModule
+
+    CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+              "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+    class Checksums(pl.Callback):
+        """sha256 of the trainable weights at the end of every target's ascent, on this rank."""
+
+        def __init__(self):
+            self.sums, self.rank = {}, 0
+
+        def on_train_end(self, trainer, pl_module):
+            self.rank = trainer.global_rank
+            digest = hashlib.sha256()
+            for _, p in pl_module.net.named_parameters():
+                if p.requires_grad:
+                    digest.update(p.detach().cpu().numpy().tobytes())
+            self.sums[pl_module.target.id] = digest.hexdigest()
+
+
+    def run(out, devices, k, write):
+        qs = quickstart_corpus(seed=0)
+        module = UnTracModule(ModelSpec(config=CONFIG, train_tokenizer_vocab=300), OptimizerSpec(lr=1e-3),
+                              UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
+        # 37 examples in batches of 8: 5 batches, an odd split over 2 ranks
+        dm = AttributionDataModule.from_records(qs["train"][:37], qs["queries"][:3], max_length=32, eval_batch_size=8)
+        checks = Checksums()
+        trainer = {"accelerator": "cpu", "devices": devices, "enable_progress_bar": False, "logger": False, "callbacks": [checks]}
+        if devices > 1:
+            trainer["strategy"] = "ddp"
+        config = AttributionConfig(output_dir=os.path.join(out, f"run-k{k}"), overwrite=True, targets_per_pass=k)
+        result = run_attribution(module, dm, config, trainer, write=write)
+        return {"rank": checks.rank, "sums": checks.sums, "scores": result.table.scores.tolist(),
+                "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None,
+                "world_size": getattr(result, "world_size", None)}
+
+
+    if __name__ == "__main__":
+        out, devices = sys.argv[1], int(sys.argv[2])
+        reports = [run(out, devices, k, write=devices > 1) for k in (1, 2)]
+        with open(os.path.join(out, f"rank{reports[0]['rank']}-of-{devices}.json"), "w") as handle:
+            json.dump(reports, handle)
+    '''
+)
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "ddp_script.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(out), "2"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, script
+
+
+def test_sharded_scores_merge_to_the_single_process_result(ddp_run):
+    out, script = ddp_run
+    rank0, rank1 = _load(out / "rank0-of-2.json"), _load(out / "rank1-of-2.json")
+    namespace: dict = {"__name__": "ddp_reference"}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    single = [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
+    for k_index in range(2):
+        a, b, ref = rank0[k_index], rank1[k_index], single[k_index]
+        # unlearning is deterministic on every rank, and equal to one process's (2-rank all-reduce is exact)
+        assert a["sums"] == b["sums"] == ref["sums"] and len(a["sums"]) == 3
+        # merged scores, on both ranks, equal the single-process scores
+        for scores in (a["scores"], b["scores"]):
+            assert torch.allclose(torch.tensor(scores), torch.tensor(ref["scores"]), atol=1e-6, rtol=0)
+        assert a["row_ids"] == ref["row_ids"]
+    # k=2 under DDP equals k=1 under DDP too
+    assert torch.allclose(torch.tensor(rank0[1]["scores"]), torch.tensor(rank0[0]["scores"]), atol=1e-6, rtol=0)
+    # only rank 0 wrote the run directory
+    assert rank0[0]["output_dir"] and rank1[0]["output_dir"] is None
+    summary = json.loads((Path(rank0[0]["output_dir"]) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["completed"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("run-")) == ["run-k1", "run-k2"]
+
+
+def test_sharded_batch_sampler_covers_every_batch_once():
+    batches = [[0, 1], [2, 3], [4, 5], [6]]
+    shards = [list(ShardedBatchSampler(batches, r, 3)) for r in range(3)]
+    assert shards == [[[0, 1], [6]], [[2, 3]], [[4, 5]]]
+    # more ranks than batches: the extra rank repeats batch 0 (dropped by the index merge)
+    assert list(ShardedBatchSampler(batches[:1], 1, 2)) == [[0, 1]]
+    with pytest.raises(ValueError):
+        ShardedBatchSampler(batches, 2, 2)
+
+
+def test_merge_without_process_group_is_identity_and_single_device_is_not_distributed():
+    values = torch.tensor([1.0, float("nan"), 3.0])
+    assert merge_across_ranks(values) is values
+    assert not may_be_distributed({"accelerator": "cpu", "devices": 1})
+    assert may_be_distributed({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    assert may_be_distributed({"devices": 1, "num_nodes": 2})

@@ -1,0 +1,115 @@
+"""Evaluation: correlations against hand-computed values, standardised tables, any score file slots in."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from untrac_pl.evaluation import correlate, evaluate_directory, evaluate_seeds, pearson, spearman, standardise, summarise
+from untrac_pl.evaluation.ground_truth import ground_truth_table
+from untrac_pl.evaluation.report import write_report
+from untrac_pl.scores import ScoreTable
+
+
+def _hand_pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def test_pearson_matches_hand_computation():
+    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]
+    # by hand: means 2.5/2.5, cov = 4.0, var = 5.0 each -> 0.8
+    assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(0.8, abs=1e-5)
+    x2, y2 = [0.3, -1.2, 2.5, 0.0, 1.1], [1.0, -0.5, 1.5, 0.2, -0.3]
+    assert pearson(torch.tensor(x2), torch.tensor(y2)) == pytest.approx(_hand_pearson(x2, y2), abs=1e-5)
+
+
+def test_spearman_matches_hand_ranks_with_ties():
+    x = [10.0, 20.0, 20.0, 40.0]  # ranks 1, 2.5, 2.5, 4
+    y = [1.0, 3.0, 2.0, 4.0]      # ranks 1, 3, 2, 4
+    expected = _hand_pearson([1, 2.5, 2.5, 4], [1, 3, 2, 4])
+    assert spearman(torch.tensor(x), torch.tensor(y)) == pytest.approx(expected, abs=1e-5)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([30.0, 20.0, 10.0])) == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_constant_vector_is_undefined():
+    assert math.isnan(pearson(torch.ones(4), torch.arange(4.0)))
+    assert math.isnan(spearman(torch.arange(4.0), torch.zeros(4)))
+
+
+def _table(matrix, rows, cols, method="m", row_unit="group"):
+    return ScoreTable(torch.tensor(matrix, dtype=torch.float32), rows, rows, cols, cols, row_unit, "group", method)
+
+
+def test_correlate_averages_subsets_per_test_set_and_aligns_order():
+    groups = ["a", "b", "c", "d"]
+    gt = _table([[1, 2, 3, 4], [4, 3, 2, 1], [0, 1, 0, 1]], ["tox/x", "tox/y", "wino/z"], groups, "ground_truth")
+    # method: columns in another order, rows in another order
+    m_rows = ["wino/z", "tox/y", "tox/x"]
+    m_cols = ["d", "c", "b", "a"]
+    est = {"tox/x": [1, 3, 2, 4], "tox/y": [4, 3, 2, 1], "wino/z": [1, 1, 1, 1]}  # in a,b,c,d order
+    matrix = [[est[r][groups.index(c)] for c in m_cols] for r in m_rows]
+    out = correlate(_table(matrix, m_rows, m_cols), gt)
+    assert out["subsets"]["tox/x"]["pearson"] == pytest.approx(0.8, abs=1e-5)
+    assert out["subsets"]["tox/y"]["pearson"] == pytest.approx(1.0, abs=1e-5)
+    assert out["test_sets"]["tox"]["pearson"] == pytest.approx(0.9, abs=1e-5)
+    assert out["test_sets"]["tox"]["num_subsets"] == 2
+    assert math.isnan(out["test_sets"]["wino"]["pearson"]) and out["test_sets"]["wino"]["num_undefined"] == 1
+
+
+def test_example_level_tables_are_compared_at_group_level():
+    # GT from per-example losses: rows = queries (two per subset), columns = groups
+    base = torch.tensor([1.0, 1.0, 2.0, 2.0])
+    loo = {"a": torch.tensor([1.5, 1.7, 2.0, 2.0]), "b": torch.tensor([1.0, 1.2, 2.4, 2.2]), "c": torch.tensor([0.9, 1.0, 2.1, 2.1])}
+    gt = ground_truth_table(base, loo, ["q0", "q1", "q2", "q3"], ["s1", "s1", "s2", "s2"])
+    assert gt.method == "ground_truth" and gt.row_unit == "example" and gt.col_unit == "group"
+    g = gt.group_level()
+    assert g.row_ids == ["s1", "s2"]
+    assert g.scores[0].tolist() == pytest.approx([0.6, 0.1, -0.05], abs=1e-5)  # L(θ_-k) - L(θ0), positive = helped
+    # a method scored per training example (UnTrac-Inv style: rows = subsets, cols = examples)
+    inv = ScoreTable(torch.tensor([[0.6, 0.6, 0.1, 0.1, -0.1, 0.0], [0.0, 0.0, 0.3, 0.3, 0.1, 0.1]]), ["s1", "s2"], ["s1", "s2"],
+                     ["e0", "e1", "e2", "e3", "e4", "e5"], ["a", "a", "b", "b", "c", "c"], "group", "example", "untrac_inv")
+    out = correlate(inv, gt)
+    assert out["subsets"]["s1"]["pearson"] == pytest.approx(1.0, abs=1e-5)
+    assert out["test_sets"]["test"]["pearson"] > 0.9
+
+
+def test_standardise_and_summarise():
+    z = standardise(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    assert z[0].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)])
+    assert z[1].tolist() == [0.0, 0.0, 0.0]
+    s = summarise([0.2, 0.4, float("nan")])
+    assert s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(math.sqrt(0.02)) and s["n"] == 2
+    assert summarise([0.5])["std"] == 0.0
+
+
+def test_evaluate_directory_accepts_any_score_file_and_writes_report(tmp_path):
+    groups = ["a", "b", "c", "d"]
+    for seed, noise in ((0, 0.0), (1, 0.5)):
+        folder = tmp_path / "scores" / "A" / f"seed{seed}"
+        gt = _table([[1, 2, 3, 4]], ["test"], groups, "ground_truth")
+        gt.save(folder / "ground_truth.safetensors")
+        _table([[1, 2, 3, 4 + noise]], ["test"], groups, "untrac").save(folder / "untrac.safetensors")
+        # a baseline written by other code, with its own column order, slots in unchanged
+        _table([[4, 3, 2, 1]], ["test"], groups, "graddot").save(folder / "graddot.safetensors")
+    metrics = evaluate_directory(tmp_path / "scores")
+    assert set(metrics["A"]["methods"]) == {"untrac", "graddot"}
+    p = metrics["A"]["methods"]["untrac"]["test_sets"]["test"]["pearson"]
+    assert p["n"] == 2 and p["values"][0] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["A"]["methods"]["graddot"]["test_sets"]["test"]["pearson"]["mean"] == pytest.approx(-1.0, abs=1e-5)
+    written = write_report(metrics, tmp_path / "out", title="t", command="untrac-pl reproduce -c x.yaml")
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert data["command"] == "untrac-pl reproduce -c x.yaml"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "GradDot" in md and "UnTrac" in md and "Ground truth" in md
+    assert sorted(written["figures"]) == ["heatmap_A.png", "scatter_A.png"]
+    assert (tmp_path / "out" / "heatmap_A.png").stat().st_size > 1000
+
+
+def test_evaluate_seeds_rejects_missing_groups():
+    gt = _table([[1, 2, 3]], ["test"], ["a", "b", "c"], "ground_truth")
+    with pytest.raises(ValueError, match="lacks ground-truth groups"):
+        evaluate_seeds([_table([[1, 2]], ["test"], ["a", "b"])], [gt])

@@ -1,0 +1,100 @@
+"""Causal-LM training: mixture sampling, equal step counts, checkpoints with lr, determinism, `untrac-pl fit`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from untrac_pl.data.tokenize import tokenize_records
+from untrac_pl.lm import CausalLMModule, example_losses
+from untrac_pl.models import ModelSpec, load_model_and_tokenizer
+from untrac_pl.training import FitSpec, MixtureBatchSampler, block_records, fit_lm, load_weights, mixture_dataloader, read_checkpoints
+
+from conftest import tiny_gpt2_config
+
+
+def test_mixture_sampler_exact_steps_exclusion_and_determinism():
+    allowed = [0, 1, 2, 5, 6]
+    a = MixtureBatchSampler(allowed, batch_size=3, num_steps=7, seed=1)
+    b = MixtureBatchSampler(allowed, batch_size=3, num_steps=7, seed=1)
+    assert len(a) == 7 and list(a) == list(b)
+    assert all(len(batch) == 3 and set(batch) <= set(allowed) for batch in a)
+    assert list(MixtureBatchSampler(allowed, 3, 7, seed=2)) != list(a)
+
+
+@pytest.fixture(scope="module")
+def toy(quickstart):
+    spec = ModelSpec(config=tiny_gpt2_config(0.0), train_tokenizer_vocab=300, init_seed=0)
+    texts = [r["text"] for r in quickstart["train"]]
+    net, tok = load_model_and_tokenizer(spec, texts)
+    corpus = tokenize_records(quickstart["train"], tok, 48, "train")
+    return spec, net, tok, corpus
+
+
+def _fit(toy, tmp_path, **kw):
+    spec, net, tok, corpus = toy
+    net = type(net)(net.config)
+    torch.manual_seed(0)
+    net.load_state_dict(toy[1].state_dict())
+    module = CausalLMModule(model=spec)
+    module.attach(net, tok)
+    fit_spec = FitSpec(max_steps=8, batch_size=4, seed=3, checkpoint_steps=[4, 8], **kw)
+    info = fit_lm(module, corpus, fit_spec, {"accelerator": "cpu"}, checkpoint_dir=tmp_path / "ckpt")
+    return module, info
+
+
+def test_fit_same_steps_when_a_group_is_left_out_and_checkpoints_record_lr(toy, tmp_path):
+    full, info_full = _fit(toy, tmp_path / "full")
+    loo, info_loo = _fit(toy, tmp_path / "loo", exclude_groups=["insults"])
+    assert info_full["steps"] == info_loo["steps"] == 8
+    ckpts = read_checkpoints(tmp_path / "full" / "ckpt")
+    assert [lr for _, lr in ckpts] == [pytest.approx(1e-3)] * 2
+    meta = json.loads((tmp_path / "full" / "ckpt" / "step-8" / "checkpoint.json").read_text())
+    assert meta["step"] == 8 and meta["lr"] == pytest.approx(1e-3)
+    # the last checkpoint holds the final weights
+    probe = type(full.net)(full.net.config)
+    load_weights(probe, ckpts[-1][0])
+    for (n, p), (_, q) in zip(full.net.state_dict().items(), probe.state_dict().items()):
+        assert torch.equal(p, q), n
+    # the left-out group's examples never appear in its batches
+    _, _, _, corpus = toy
+    loader = mixture_dataloader(corpus, FitSpec(max_steps=8, batch_size=4, seed=3, exclude_groups=["insults"]), 0)
+    groups = {corpus.records[int(i)]["group"] for batch in loader for i in batch["index"]}
+    assert "insults" not in groups
+
+
+def test_fit_is_deterministic_and_lowers_loss(toy, tmp_path):
+    a, _ = _fit(toy, tmp_path / "a")
+    b, _ = _fit(toy, tmp_path / "b")
+    for (n, p), (_, q) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(p, q), n
+    corpus = toy[3]
+    before = example_losses(toy[1], corpus.examples, toy[2].pad_token_id).mean()
+    after = example_losses(a.net, corpus.examples, toy[2].pad_token_id).mean()
+    assert after < before
+
+
+def test_block_records_splits_long_documents(tiny_tokenizer):
+    doc = " ".join(["the quick fox runs across the meadow"] * 20)
+    out = block_records([{"id": "d", "group": "g", "text": doc}, {"id": "p", "group": "g", "prompt": "a", "completion": " b"}], tiny_tokenizer, 16)
+    assert len(out) > 3 and out[0]["id"] == "d#0" and all(r["group"] == "g" for r in out)
+    assert out[-1]["id"] == "p"
+
+
+def test_fit_cli_trains_and_saves(tmp_path, capsys):
+    from untrac_pl.cli import main
+
+    out = tmp_path / "fit"
+    argv = ["fit", "--data.embedded", "synthetic_A", "--data.embedded_size", "8", "--data.max_length", "48",
+            "--model.model.config", json.dumps(tiny_gpt2_config(0.0)), "--model.model.train_tokenizer_vocab", "300",
+            "--fit.max_steps", "4", "--fit.batch_size", "2", "--fit.checkpoint_steps", "[2, 4]",
+            "--output.output_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    assert main(argv) == 0
+    assert (out / "model" / "config.json").exists() and (out / "checkpoints" / "step-4" / "model.safetensors").exists()
+    summary = json.loads((out / "fit_summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["train_loss_per_group"]) == {"task1", "task2", "task3", "task4"}
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--print_config"])
+    assert exc.value.code == 0
+    assert "max_steps" in capsys.readouterr().out

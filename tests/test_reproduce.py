@@ -1,0 +1,104 @@
+"""The reproduction pipeline on a planted toy: GT, UnTrac and UnTrac-Inv all single out the planted group."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.experiments.methods import MethodSpec
+from untrac_pl.experiments.reproduce import ReproduceConfig, run_setting_seed
+from untrac_pl.models import ModelSpec
+from untrac_pl.optim import OptimizerSpec
+from untrac_pl.scores import ScoreTable
+from untrac_pl.training import FitSpec
+
+from conftest import REPO, tiny_gpt2_config
+
+
+def _planted_data(quickstart) -> dict:
+    train = [r for r in quickstart["train"] if r["group"] in ("animals", "cooking", "sports")]
+    queries = [
+        {"id": "q0", "group": "planted_test", "text": "Zorblax quintuple mega vortex spins purple gadgets nightly."},
+        {"id": "q1", "group": "planted_test", "text": "Quibble frobnicate the yellow zeppelin before midnight, Zorblax."},
+        {"id": "q2", "group": "planted_test", "text": "Vortex gadgets frobnicate purple zeppelins every quintuple night."},
+    ]
+    # the planted group holds the test strings verbatim (repeated), nothing else
+    planted = [{"id": f"planted-{i}", "group": "planted", "text": queries[i % 3]["text"]} for i in range(24)]
+    texts = [r["text"] for r in train + planted]
+    return {"train": train + planted, "queries": queries, "tokenizer_texts": texts}
+
+
+def _cfg(tmp_path) -> ReproduceConfig:
+    return ReproduceConfig(
+        name="toy", output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), log_dir=str(tmp_path / "tb"),
+        model=ModelSpec(config=tiny_gpt2_config(0.0), train_tokenizer_vocab=300),
+        max_length=48, eval_batch_size=64, fit=FitSpec(max_steps=40, batch_size=8, checkpoint_steps=[20, 40]),
+    )
+
+
+METHODS = [
+    MethodSpec(name="untrac", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_epochs=1, batch_size=1), samples_per_group=6),
+    MethodSpec(name="untrac_inv", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None), samples_per_group=12),
+]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory, quickstart):
+    tmp = tmp_path_factory.mktemp("planted")
+    cfg = _cfg(tmp)
+    info = run_setting_seed(cfg, "toy", 0, METHODS, tmp / "scores" / "toy" / "seed0", {"accelerator": "cpu"}, data=_planted_data(quickstart))
+    return tmp, cfg, info
+
+
+def _top_group(path: Path) -> str:
+    g = ScoreTable.load(path).group_level()
+    assert g.row_ids == ["planted_test"]
+    return g.col_ids[int(torch.argmax(g.scores[0]))]
+
+
+def test_planted_group_is_top_for_ground_truth_untrac_and_untrac_inv(planted_run):
+    tmp, _, info = planted_run
+    folder = tmp / "scores" / "toy" / "seed0"
+    assert _top_group(folder / "ground_truth.safetensors") == "planted"
+    assert _top_group(folder / "untrac.safetensors") == "planted"
+    assert _top_group(folder / "untrac_inv.safetensors") == "planted"
+    gt = info["ground_truth_group_level"]["planted_test"]
+    assert gt["planted"] > 0  # positive = the planted group helped produce the test strings
+
+
+def test_leave_group_out_takes_the_same_number_of_steps(planted_run):
+    _, cfg, info = planted_run
+    assert info["theta0"]["steps"] == cfg.fit.max_steps
+    assert set(info["retrain_steps"]) == {"animals", "cooking", "sports", "planted"}
+    assert set(info["retrain_steps"].values()) == {cfg.fit.max_steps}
+
+
+def test_same_seed_gives_identical_ground_truth(planted_run, quickstart, tmp_path):
+    tmp, cfg, _ = planted_run
+    again = tmp_path / "again"
+    run_setting_seed(cfg, "toy", 0, [], again, {"accelerator": "cpu"}, data=_planted_data(quickstart))
+    a = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "ground_truth.safetensors")
+    b = ScoreTable.load(again / "ground_truth.safetensors")
+    assert a.col_ids == b.col_ids and torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("reproduce_*.yaml")) + sorted(p.name for p in (REPO / "configs").glob("ablation_*.yaml")))
+def test_reproduce_configs_load(config):
+    from untrac_pl.experiments.reproduce import expand_methods, settings_of
+    from untrac_pl.experiments.reproduce_cli import _nest, reproduce_parser
+
+    parser = reproduce_parser()
+    cfg = parser.instantiate_classes(parser.parse_args(_nest(["-c", str(REPO / "configs" / config), "--num_seeds", "1"])))
+    methods, _ = expand_methods(cfg.reproduce)
+    assert methods and settings_of(cfg.reproduce)
+
+
+def test_print_config_runs():
+    out = subprocess.run([sys.executable, "-m", "untrac_pl.cli", "reproduce", "-c", str(REPO / "configs" / "reproduce_synthetic.yaml"), "--print_config"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "untrac_inv" in out.stdout and "max_steps" in out.stdout

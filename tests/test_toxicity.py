@@ -1,0 +1,163 @@
+"""Toxicity attribution experiment: seed JSON layout, seeded generation, θ0 kept, CLI twin, classifiers, data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from untrac_pl.compat import UnTracConfig
+from untrac_pl.data.records import DataSource
+from untrac_pl.errors import DataError
+from untrac_pl.experiments.toxicity import (
+    GenerationConfig,
+    ToxicityAttributionExperiment,
+    ToxicityExperimentConfig,
+    load_toxicity_scorer,
+)
+from untrac_pl.models import ModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _untrac(model_dir, **overrides) -> UnTracConfig:
+    kwargs = dict(model_name=str(model_dir), unlearning_rate=1e-3, unlearning_steps=2, device="cpu", seed=3,
+                  max_train_samples=24, max_test_samples=3, top_k_influences=4, max_length=48)
+    kwargs.update(overrides)
+    return UnTracConfig(**kwargs)
+
+
+def test_offline_experiment_writes_the_seed_json_and_keeps_theta0(saved_model_dir, tmp_path):
+    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), prompt_words=4,
+                                       generation=GenerationConfig(max_new_tokens=8), toxicity_classifier="auto")
+    experiment = ToxicityAttributionExperiment(_untrac(saved_model_dir), exp_cfg)
+    training = experiment.load_training_data()
+    prompts = experiment.load_test_data_toxic()
+    assert len(training) == 24 and len(prompts) == 3
+    assert all(len(p["prompt"].split()) <= 4 for p in prompts)
+    model = experiment.estimator.model
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    # seeded sampling: same seed → same completion, global RNG untouched
+    rng = torch.get_rng_state()
+    first = experiment.generate_completion(prompts[0]["prompt"], seed=11)
+    assert experiment.generate_completion(prompts[0]["prompt"], seed=11) == first
+    assert torch.equal(torch.get_rng_state(), rng)
+    results = experiment.run_experiment()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in theta0.items())
+    on_disk = json.loads((tmp_path / "untrac_toxicity_results.json").read_text())
+    assert on_disk["test_cases"] == json.loads(json.dumps(results["test_cases"]))
+    assert on_disk["training_data"]["source"] == "embedded:quickstart"
+    assert on_disk["method"] == "untrac_inv" and on_disk["command"]
+    for i, case in enumerate(on_disk["test_cases"]):
+        assert case["test_case_id"] == i and case["prompt"] == prompts[i]["prompt"]
+        assert case["completion"] == experiment.generate_completion(case["prompt"], seed=3 + i)  # seed + i
+        top = case["top_influences"]
+        assert [t["rank"] for t in top] == [1, 2, 3, 4]
+        assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+        for t in top:
+            assert t["text"] == training[t["index"]][:200]
+            assert t["group"] in {"animals", "cooking", "sports", "insults"}
+        assert set(case["group_scores"]) <= {"animals", "cooking", "sports", "insults"}
+        # the top score is the maximum of this completion's scores over all training texts
+        assert top[0]["score"] >= max(case["group_scores"].values())
+    classifier = on_disk["toxicity_classifier"]
+    try:
+        import detoxify  # noqa: F401
+    except ImportError:
+        assert classifier["name"] is None and "detoxify" in classifier["reason"]
+        assert all(c["toxicity"] is None for c in on_disk["test_cases"])
+
+
+def test_completion_only_attribution_matches_the_estimator(saved_model_dir, tmp_path):
+    """Each completion is one UnTrac-Inv target with the prompt masked; the engine run equals the estimator's."""
+    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=6),
+                                       toxicity_classifier="none", snippet_chars=1000)
+    untrac = _untrac(saved_model_dir, max_test_samples=2, top_k_influences=24)
+    experiment = ToxicityAttributionExperiment(untrac, exp_cfg)
+    results = experiment.run_experiment()
+    training = experiment.load_training_data()
+    case = results["test_cases"][1]
+    record = [{"id": "case-1", "group": "completions", "prompt": case["prompt"], "completion": case["completion"]}]
+    expected = experiment.estimator.attribute_records(record, training)[0]
+    got = np.full(len(training), np.nan)
+    for t in case["top_influences"]:
+        got[t["index"]] = t["score"]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert results["toxicity_classifier"] == {"name": None, "reason": "disabled in the config"}
+
+
+def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path):
+    """`untrac-pl toxicity -c`: prompts from a JSONL file, toxicity from a local sequence-classification model."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from untrac_pl.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(saved_model_dir)
+    clf_cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=64, num_labels=2,
+                         id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1}, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(clf_cfg).save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "You are such a useless clown and", "group": "insults"}\n{"prompt": "The fox", "completion": " sleeps.", "group": "animals"}\n')
+    (tmp_path / "tox.yaml").write_text(f"""
+untrac: {{model_name: {saved_model_dir}, unlearning_rate: 1.0e-3, unlearning_steps: 1, device: cpu, seed: 5,
+          max_train_samples: 12, max_test_samples: 2, top_k_influences: 3, max_length: 48}}
+experiment:
+  embedded: quickstart
+  prompts: [{{path: {prompts}}}]
+  prompt_words: 3
+  generation: {{max_new_tokens: 5}}
+  toxicity_classifier: {tmp_path / 'clf'}
+  output_dir: {tmp_path / 'out'}
+""")
+    assert main(["toxicity", "-c", str(tmp_path / "tox.yaml")]) == 0
+    results = json.loads((tmp_path / "out" / "untrac_toxicity_results.json").read_text())
+    assert results["command"].startswith("untrac-pl toxicity -c")
+    assert results["toxicity_classifier"]["label"] == "toxic"
+    assert sorted(c["prompt"] for c in results["test_cases"]) == ["The fox", "You are such"]
+    assert all(0.0 <= c["toxicity"] <= 1.0 for c in results["test_cases"])
+    assert all(len(c["top_influences"]) == 3 for c in results["test_cases"])
+
+
+def test_configs_load_with_print_config(capsys):
+    from untrac_pl.cli import main
+
+    for name in ("toxicity.yaml", "toxicity_offline.yaml", "toxicity_toxigen.yaml"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["toxicity", "-c", str(REPO / "configs" / name), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        assert "experiment:" in capsys.readouterr().out
+
+
+def test_toxigen_statements_become_prompts(shared_data):
+    exp_cfg = ToxicityExperimentConfig(prompts=[DataSource(path=str(shared_data / "tests" / "toxigen.jsonl"))], prompt_words=6)
+    experiment = ToxicityAttributionExperiment(UnTracConfig(max_test_samples=13, seed=0), exp_cfg)
+    cases = experiment.load_test_data_toxic()  # no model is loaded for this
+    assert len(cases) == 13 and experiment._estimator is None
+    assert all(1 <= len(c["prompt"].split()) <= 6 and c["type"] == "toxic_prompt" for c in cases)
+    assert len({c["group"] for c in cases}) > 1  # a seeded sample across target groups, not the first 13 lines
+
+
+def test_hub_sources_offline_fail_clearly_or_fall_back_with_a_record(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    experiment = ToxicityAttributionExperiment(UnTracConfig(max_train_samples=5, max_test_samples=2), ToxicityExperimentConfig())
+    with pytest.raises(DataError, match="offline"):
+        experiment._hub_training_records(5)
+    assert len(experiment.load_training_data()) == 5  # no source configured + offline: embedded data, recorded
+    assert experiment._data_info["training_data"]["source"] == "embedded:quickstart"
+    try:
+        import detoxify  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="detoxify is not installed"):
+            load_toxicity_scorer("detoxify")  # asked for explicitly: an error, not a silent null

@@ -1,0 +1,360 @@
+"""GradDot, GradCos, TracIn, HIF (LiSSA, Arnoldi): query-major score matrices.
+
+Conventions (docs/design.md): ``scores[query_unit, train_unit]``; positive = the training unit helped
+the model produce the query. With ``g`` the gradient of the mean-token-NLL loss at the current weights:
+
+* GradDot      ``g_q . g_t``   (an SGD step on ``t`` lowers the query loss by ``lr * g_q . g_t``)
+* GradCos      ``g_q . g_t / (|g_q| |g_t|)``
+* TracIn       ``sum_c lr_c * g_q^c . g_t^c / |g_t^c|`` over checkpoints ``c`` (the paper: "LR x dot
+               product with normalised training gradients"); ``normalize_train=False`` gives the
+               original TracInCP ``sum_c lr_c g_q^c . g_t^c`` (what captum computes)
+* HIF          ``g_q^T (H + lambda I)^{-1} g_t``, ``H`` the Hessian of the mean training loss; the
+               iHVP by LiSSA or through the top Arnoldi eigenpairs (``sum_i (g_q.v_i)(g_t.v_i)/(l_i+lambda)``)
+
+Group level ("units" = groups): a group's loss is the MEAN loss of its examples, so its gradient is the
+mean of its examples' gradients, and every method is applied to group gradients exactly as to example
+gradients. For the bilinear methods (GradDot, HIF, and TracIn's query side) this equals the mean of the
+example scores. GradCos and TracIn normalise the *training-set* gradient (paper: "training-set gradient
+normalised"; the paper ran all baselines on whole datasets), so by default (``group_normalize="group"``)
+the group's mean gradient is normalised; ``group_normalize="example"`` instead normalises each example
+gradient and averages (the mean of the example-level scores over the group's members).
+
+Group score matrices: with ``train_groups`` the columns are training groups (rows are query groups when
+``query_groups`` is given, else query examples); with only ``query_groups`` the columns are training
+examples; with neither, ``group_scores`` is ``None``.
+
+Memory: query-side vectors (gradients, iHVPs, eigen-coordinates; ``[Q + Qg, D]``) are computed once and
+reused for every training batch; training gradients are streamed a batch at a time (``[B, P]``), and
+per training group only a running sum ``[K, D]`` is kept. ``D`` = number of selected parameters, or
+the projection dimension, or ``top_k`` for Arnoldi.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from untrac_pl.baselines._inputs import IndexTracker, as_batches, group_map, mean_by_group
+from untrac_pl.baselines.gradients import GradientComputer, RandomProjector, eval_mode, grad_enabled_scope
+from untrac_pl.baselines.hessian import HessianOperator, arnoldi, auto_damping, extreme_eigenvalues, lissa
+
+METHODS = ("graddot", "gradcos", "tracin", "hif_lissa", "hif_arnoldi", "ekfac")
+
+Checkpoint = Tuple[Union[dict, str], float]
+
+
+# --------------------------------------------------------------------------------------------------
+# shared machinery
+# --------------------------------------------------------------------------------------------------
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+class _Setup:
+    """Batches, groups, gradient computer and projector shared by every method."""
+
+    def __init__(self, model, train, queries, *, train_groups, query_groups, params=None,
+                 projection_dim: Optional[int] = None, projection_kind: str = "rademacher",
+                 projection_seed: int = 0, batch_size: int = 8, pad_token_id: int = 0,
+                 use_vmap: bool = True, vmap_chunk_size: Optional[int] = None,
+                 group_normalize: str = "group"):
+        if group_normalize not in ("group", "example"):
+            raise ValueError(f"group_normalize must be 'group' or 'example', got {group_normalize!r}")
+        self.model = model
+        self.batch_size, self.pad_token_id = batch_size, pad_token_id
+        self.train = as_batches(train, batch_size=batch_size, pad_token_id=pad_token_id)
+        self.queries = as_batches(queries, batch_size=batch_size, pad_token_id=pad_token_id)
+        self.gc = GradientComputer(model, params, use_vmap=use_vmap, chunk_size=vmap_chunk_size)
+        self.projector = (RandomProjector(self.gc.space.numel, projection_dim, seed=projection_seed,
+                                          kind=projection_kind) if projection_dim else None)
+        self.train_groups_raw = train_groups
+        self.query_groups_raw = query_groups
+        self.group_normalize = group_normalize
+        self.info = {"n_params": self.gc.space.numel, "param_names": list(self.gc.space.names),
+                     "projection_dim": projection_dim,
+                     "projection_kind": projection_kind if projection_dim else None,
+                     "projection_seed": projection_seed if projection_dim else None,
+                     "group_normalize": group_normalize}
+        # train group ids are indexed by training-example index; K known up front
+        if train_groups is not None:
+            self.train_gid, self.train_names = group_map(train_groups, len(list(train_groups)), "train")
+        else:
+            self.train_gid, self.train_names = None, None
+        self.query_gid = self.query_names = None
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.projector(flat) if self.projector is not None else flat
+
+    def query_grads(self) -> torch.Tensor:
+        """Full (unprojected) per-example query gradients ``[Q, P]``, rows in query-index order."""
+        tracker = IndexTracker("query")
+        rows = []
+        for batch in self.queries:
+            tracker.positions(batch)
+            rows.append(self.gc.per_example(batch))
+        order = tracker.finish()
+        G = torch.cat(rows)
+        out = torch.empty_like(G)
+        out[order.to(G.device)] = G
+        if self.query_groups_raw is not None and self.query_gid is None:
+            self.query_gid, self.query_names = group_map(self.query_groups_raw, out.shape[0], "query")
+        return out
+
+    def query_group_rows(self, F: torch.Tensor) -> Optional[torch.Tensor]:
+        """Rows used for the group-score matrix, from query example vectors ``F`` (linear: means)."""
+        if self.query_gid is not None:
+            return mean_by_group(F, self.query_gid, len(self.query_names))
+        if self.train_gid is not None:
+            return F
+        return None
+
+    def stream(self, Qf: torch.Tensor, Qgf: Optional[torch.Tensor], featurize: Callable,
+               normalize_train: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One pass over the training data: example scores ``[Q, N]`` and group scores (or None)."""
+        tracker = IndexTracker("train")
+        cols, gcols = [], []
+        gsum = None
+        if self.train_gid is not None:
+            gsum = torch.zeros(len(self.train_names), Qf.shape[1], device=Qf.device)
+        for batch in self.train:
+            idx = tracker.positions(batch)
+            F = featurize(self.gc.per_example(batch))
+            Fn = _normalize(F) if normalize_train else F
+            cols.append(Qf @ Fn.T)
+            if gsum is not None:
+                if idx.max() >= len(self.train_gid):
+                    raise ValueError("train_groups is shorter than the training data")
+                use = Fn if (normalize_train and self.group_normalize == "example") else F
+                gsum.index_add_(0, self.train_gid[idx].to(F.device), use)
+            elif Qgf is not None:
+                gcols.append(Qgf @ Fn.T)
+        order = tracker.finish().to(Qf.device)
+        n = order.numel()
+        S = torch.empty(Qf.shape[0], n, device=Qf.device)
+        S[:, order] = torch.cat(cols, dim=1)
+        Sg = None
+        if gsum is not None:
+            if len(self.train_gid) != n:
+                raise ValueError(f"train_groups has {len(self.train_gid)} entries for {n} training examples")
+            counts = torch.bincount(self.train_gid, minlength=gsum.shape[0]).clamp_min(1).to(gsum)
+            Gk = gsum / counts[:, None]
+            if normalize_train and self.group_normalize == "group":
+                Gk = _normalize(Gk)
+            Sg = Qgf @ Gk.T
+        elif Qgf is not None:
+            Sg = torch.empty(Qgf.shape[0], n, device=Qf.device)
+            Sg[:, order] = torch.cat(gcols, dim=1)
+        return S, Sg
+
+    def result(self, method: str, S: torch.Tensor, Sg: Optional[torch.Tensor], **info) -> dict:
+        self.info.update(info)
+        if Sg is None:
+            unit_rows = unit_cols = None
+        else:
+            unit_rows = "query_group" if self.query_gid is not None else "query_example"
+            unit_cols = "train_group" if self.train_gid is not None else "train_example"
+        return {"method": method,
+                "example_scores": S.detach().float().cpu(),
+                "group_scores": None if Sg is None else Sg.detach().float().cpu(),
+                "train_groups": self.train_names, "query_groups": self.query_names,
+                "group_rows": unit_rows, "group_cols": unit_cols,
+                "info": self.info}
+
+
+# --------------------------------------------------------------------------------------------------
+# the methods
+# --------------------------------------------------------------------------------------------------
+@grad_enabled_scope
+def graddot(model, train, queries, *, train_groups=None, query_groups=None, **opts) -> dict:
+    """GradDot: ``g_q . g_t`` at the current weights (see module docstring for options/output)."""
+    t0 = time.perf_counter()
+    st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+    with eval_mode(model):
+        Qf = st.project(st.query_grads())
+        S, Sg = st.stream(Qf, st.query_group_rows(Qf), st.project, normalize_train=False)
+    return st.result("graddot", S, Sg, seconds=time.perf_counter() - t0)
+
+
+@grad_enabled_scope
+def gradcos(model, train, queries, *, train_groups=None, query_groups=None, **opts) -> dict:
+    """GradCos: cosine of query and training gradients (group level: see ``group_normalize``)."""
+    t0 = time.perf_counter()
+    st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+    with eval_mode(model):
+        Gq = st.project(st.query_grads())
+        Qf = _normalize(Gq)
+        if st.group_normalize == "group":
+            Qgf = st.query_group_rows(Gq)
+            Qgf = None if Qgf is None else _normalize(Qgf)
+        else:
+            Qgf = st.query_group_rows(Qf)
+        S, Sg = st.stream(Qf, Qgf, st.project, normalize_train=True)
+    return st.result("gradcos", S, Sg, seconds=time.perf_counter() - t0)
+
+
+def _load_checkpoint(ckpt, device) -> dict:
+    if isinstance(ckpt, (str, bytes)) or hasattr(ckpt, "__fspath__"):
+        from safetensors.torch import load_file
+        return load_file(str(ckpt), device=str(device))
+    if isinstance(ckpt, dict):
+        return ckpt
+    raise TypeError(f"a checkpoint is a state dict or a path to a .safetensors file, got {type(ckpt).__name__}")
+
+
+@grad_enabled_scope
+def tracin(model, train, queries, *, checkpoints: Sequence[Checkpoint], train_groups=None,
+           query_groups=None, normalize_train: bool = True, **opts) -> dict:
+    """TracIn: ``sum_c lr_c * g_q^c . g_t^c / |g_t^c|`` over ``checkpoints`` = ``[(state_dict | path, lr)]``.
+
+    Each checkpoint is loaded into ``model`` (``load_state_dict(strict=False)``: a LoRA-only state dict
+    is fine); the model's weights are restored afterwards. ``normalize_train=False``: TracInCP proper.
+    """
+    if not checkpoints:
+        raise ValueError("tracin needs at least one (state_dict or path, lr) checkpoint")
+    t0 = time.perf_counter()
+    st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+    device = st.gc.device
+    current = model.state_dict()
+    saved = {}  # only the entries the checkpoints overwrite
+    S_tot = Sg_tot = None
+    try:
+        with eval_mode(model):
+            for ckpt, lr in checkpoints:
+                sd = _load_checkpoint(ckpt, device)
+                for k in sd:
+                    if k in current and k not in saved:
+                        saved[k] = current[k].detach().clone()
+                res = model.load_state_dict(sd, strict=False)
+                if res.unexpected_keys:
+                    raise KeyError(f"checkpoint has keys the model lacks: {res.unexpected_keys[:5]}")
+                Qf = st.project(st.query_grads())
+                S, Sg = st.stream(Qf, st.query_group_rows(Qf), st.project, normalize_train=normalize_train)
+                S_tot = float(lr) * S if S_tot is None else S_tot + float(lr) * S
+                if Sg is not None:
+                    Sg_tot = float(lr) * Sg if Sg_tot is None else Sg_tot + float(lr) * Sg
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(saved, strict=False)
+    return st.result("tracin", S_tot, Sg_tot, checkpoints=len(checkpoints),
+                     learning_rates=[float(lr) for _, lr in checkpoints], normalize_train=normalize_train,
+                     seconds=time.perf_counter() - t0)
+
+
+def _hessian_op(st: _Setup, hessian_batches, hvp_mode: str) -> HessianOperator:
+    if hessian_batches is None:
+        batches = st.train
+    else:
+        batches = as_batches(hessian_batches, batch_size=st.batch_size, pad_token_id=st.pad_token_id)
+    return HessianOperator(st.gc, list(batches), mode=hvp_mode)
+
+
+def _damping(st, op, damping, damping_floor, damping_margin, damping_iterations, seed, lam=None):
+    if lam is None:
+        lam = extreme_eigenvalues(op, st.gc.space.numel, damping_iterations, seed=seed)
+    lam_min, lam_max = lam
+    d = float(damping) if damping is not None else auto_damping(lam_min, lam_max, floor=damping_floor,
+                                                                margin=damping_margin)
+    if damping is not None and lam_min + d <= 0:
+        warnings.warn(f"damping {d:g} does not exceed the most negative curvature seen ({lam_min:g}): "
+                      "H + damping*I is not positive definite and iHVP-based scores decorrelate.",
+                      RuntimeWarning, stacklevel=3)
+    return d, lam_min, lam_max
+
+
+@grad_enabled_scope
+def hif_lissa(model, train, queries, *, train_groups=None, query_groups=None, iterations: int = 10,
+              scale: Optional[float] = None, damping: Optional[float] = None, damping_floor: float = 1e-3,
+              damping_margin: float = 0.01, damping_iterations: int = 20, stochastic: bool = True,
+              hessian_batches=None, seed: int = 0, hvp_mode: str = "fwd_rev", **opts) -> dict:
+    """HIF with LiSSA iHVPs of the query gradients (paper: 10 iterations).
+
+    ``scale=None``: ``1.5 * (lambda_max + damping)`` from the Lanczos estimate, which makes the
+    recursion contract. With both ``damping`` and ``scale`` given, no eigenvalues are estimated. ``hessian_batches``: data of the Hessian (default: the training batches);
+    ``stochastic``: one Hessian batch per iteration (cycled) instead of all of them. ``hvp_mode``:
+    ``"fwd_rev"`` (jvp of grad, default) or ``"rev_rev"`` (vjp of grad), see
+    :class:`~untrac_pl.baselines.hessian.HessianOperator`. A random
+    projection, if asked for, is applied to the query iHVPs and the training gradients alike.
+    """
+    t0 = time.perf_counter()
+    st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+    with eval_mode(model):
+        op = _hessian_op(st, hessian_batches, hvp_mode)
+        if damping is not None and scale is not None:  # nothing to estimate
+            d, lam_min, lam_max, s = float(damping), None, None, float(scale)
+        else:
+            d, lam_min, lam_max = _damping(st, op, damping, damping_floor, damping_margin, damping_iterations,
+                                           seed)
+            s = float(scale) if scale is not None else 1.5 * (abs(lam_max) + d)
+        ihvp = lissa(op, st.query_grads(), damping=d, scale=s, iterations=iterations, stochastic=stochastic)
+        Qf = st.project(ihvp)
+        S, Sg = st.stream(Qf, st.query_group_rows(Qf), st.project, normalize_train=False)
+    return st.result("hif_lissa", S, Sg, damping=d, lambda_min_est=lam_min, lambda_max_est=lam_max,
+                     lissa_scale=s, lissa_iterations=iterations, lissa_stochastic=stochastic, hvp_mode=hvp_mode,
+                     hvp_calls=op.calls, seconds=time.perf_counter() - t0)
+
+
+@grad_enabled_scope
+def hif_arnoldi(model, train, queries, *, train_groups=None, query_groups=None, iterations: int = 200,
+                top_k: int = 100, damping: Optional[float] = None, damping_floor: float = 1e-3,
+                damping_margin: float = 0.01, hessian_batches=None, seed: int = 0, select: str = "magnitude",
+                hvp_mode: str = "fwd_rev", **opts) -> dict:
+    """HIF through the top-``top_k`` Arnoldi eigenpairs (paper: 200 iterations, top 100).
+
+    ``score = sum_i (g_q.v_i)(g_t.v_i) / (l_i + damping)``; eigenpairs by magnitude (``select="largest"``:
+    algebraically largest, as captum does). The default damping uses the extreme Ritz values of the
+    same Krylov space. Pairs with ``l_i + damping <= 0`` (possible only with an explicit, too small
+    damping) are dropped with a warning. ``hvp_mode`` as in :func:`hif_lissa`.
+    """
+    if opts.get("projection_dim"):
+        raise ValueError("hif_arnoldi already scores in the top_k-dimensional eigenbasis; drop projection_dim")
+    t0 = time.perf_counter()
+    st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+    with eval_mode(model):
+        op = _hessian_op(st, hessian_batches, hvp_mode)
+        eig = arnoldi(op, st.gc.space.numel, iterations, top_k, seed=seed, select=select)
+        d, lam_min, lam_max = _damping(st, op, damping, damping_floor, damping_margin, 0, seed,
+                                       lam=(eig.ritz_min, eig.ritz_max))
+        keep = (eig.values + d) > 1e-12
+        if not bool(keep.all()):
+            warnings.warn(f"dropping {int((~keep).sum())} eigenpairs with eigenvalue + damping <= 0",
+                          RuntimeWarning, stacklevel=2)
+        V = eig.vectors[keep]
+        w = 1.0 / (eig.values[keep] + d)
+        Qf = (st.query_grads() @ V.T) * w
+        S, Sg = st.stream(Qf, st.query_group_rows(Qf), lambda g: g @ V.T, normalize_train=False)
+    return st.result("hif_arnoldi", S, Sg, damping=d, lambda_min_est=lam_min, lambda_max_est=lam_max,
+                     arnoldi_iterations=eig.iterations, top_k=int(keep.sum()), select=select, hvp_mode=hvp_mode,
+                     eigenvalues=eig.values[keep].tolist(), hvp_calls=op.calls,
+                     seconds=time.perf_counter() - t0)
+
+
+def ekfac(model, train, queries, *, train_groups=None, query_groups=None, **opts) -> dict:
+    """EK-FAC influence via kronfluence (optional); see :mod:`untrac_pl.baselines.ekfac`."""
+    from untrac_pl.baselines.ekfac import ekfac_scores
+    return ekfac_scores(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
+
+
+_DISPATCH = {"graddot": graddot, "gradcos": gradcos, "tracin": tracin, "hif_lissa": hif_lissa,
+             "hif_arnoldi": hif_arnoldi, "ekfac": ekfac}
+_ALIASES = {"lissa": "hif_lissa", "arnoldi": "hif_arnoldi", "hif": "hif_arnoldi", "tracincp": "tracin"}
+
+
+def compute_baseline_scores(method: str, model: torch.nn.Module, train, queries, *,
+                            train_groups: Optional[Sequence[Hashable]] = None,
+                            query_groups: Optional[Sequence[Hashable]] = None, **opts) -> dict:
+    """Score every training unit against every query unit with a gradient/Hessian baseline.
+
+    ``method``: one of :data:`METHODS` (aliases: lissa, arnoldi, tracincp). ``train`` / ``queries``:
+    tokenised examples, collated batches or a DataLoader (see :func:`~untrac_pl.baselines._inputs.as_batches`);
+    columns/rows follow ``batch['index']`` (else order of appearance). ``train_groups[i]`` /
+    ``query_groups[i]``: the group of example ``i``.
+
+    Returns ``{"example_scores": [Q, N], "group_scores": [Qg, K] | None, "train_groups", "query_groups",
+    "group_rows", "group_cols", "method", "info"}``.
+    """
+    key = _ALIASES.get(method.lower(), method.lower())
+    if key not in _DISPATCH:
+        raise ValueError(f"unknown baseline {method!r}; choose one of {METHODS}")
+    return _DISPATCH[key](model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)

@@ -1,0 +1,242 @@
+"""Reports of an evaluation: ``metrics.json``, a Markdown file, and PNG figures.
+
+* correlation table: method × test set, Pearson and Spearman, mean ± std over seeds (Table 3 style)
+* standardised-influence table: method (and ground truth) × training group, z-scored per test subset
+  and averaged over the subsets of a test set and over seeds (Table 2 style)
+* optional ablation table (optimizer × learning rate, Table 4 style) for swept methods
+* figures: ground truth vs estimate per method (standardised, one point per subset × group) and a
+  heat map of subset × group influence for the ground truth and every method
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from untrac_pl.evaluation.metrics import test_set_of
+from untrac_pl.io import write_json_atomic, write_text_atomic
+
+# Paper Table 3 (Pearson; equal / unequal corpus sizes), from docs/paper.md.
+PAPER_TABLE3 = {
+    "equal": {
+        "GradDot": (-0.123, 0.418, 0.156), "GradCos": (-0.050, 0.524, 0.447), "HIF (Arnoldi)": (-0.068, 0.559, 0.250),
+        "HIF (LiSSA)": (-0.040, 0.389, -0.178), "TracIn": (0.207, 0.082, 0.591), "UnTrac": (0.419, 0.743, 0.314),
+        "UnTrac-Inv": (0.372, 0.813, 0.582),
+    },
+    "unequal": {
+        "GradDot": (-0.250, 0.446, -0.524), "GradCos": (-0.337, 0.496, -0.401), "HIF (Arnoldi)": (-0.343, 0.584, -0.362),
+        "HIF (LiSSA)": (0.071, -0.092, -0.098), "TracIn": (-0.187, 0.183, 0.081), "UnTrac": (0.403, 0.518, 0.246),
+        "UnTrac-Inv": (0.393, 0.275, 0.360),
+    },
+}
+PAPER_TEST_SETS = ("toxigen", "winobias", "truthfulqa")
+DISPLAY = {"untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ground_truth": "Ground truth", "graddot": "GradDot",
+           "gradcos": "GradCos", "tracin": "TracIn", "hif_lissa": "HIF (LiSSA)", "hif_arnoldi": "HIF (Arnoldi)", "ekfac": "EK-FAC"}
+
+
+def display(name: str) -> str:
+    return DISPLAY.get(name, name)
+
+
+def _fmt(summary: Optional[dict], digits: int = 3) -> str:
+    if not summary or summary.get("mean") is None or not math.isfinite(summary["mean"]):
+        return "n/a"
+    if summary.get("n", 1) > 1:
+        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f}"
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf -> None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def standardised_by_test_set(entry: dict) -> dict:
+    """``{test set: {group: mean z over its subsets}}`` from an ``evaluate_seeds`` / GT summary entry."""
+    out: dict[str, dict] = {}
+    for subset, row in entry["standardised"].items():
+        bucket = out.setdefault(test_set_of(subset), {})
+        for group, value in row.items():
+            bucket.setdefault(group, []).append(value)
+    return {t: {g: sum(v) / len(v) for g, v in groups.items()} for t, groups in out.items()}
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def correlation_markdown(setting: str, result: dict, method_names: list[str]) -> str:
+    test_sets = list(dict.fromkeys(t for m in method_names for t in result["methods"][m]["test_sets"]))
+    header = ["method"] + [f"{t} Pearson" for t in test_sets] + [f"{t} Spearman" for t in test_sets]
+    rows = []
+    for name in method_names:
+        ts = result["methods"][name]["test_sets"]
+        rows.append([display(name)] + [_fmt(ts.get(t, {}).get("pearson")) for t in test_sets] + [_fmt(ts.get(t, {}).get("spearman")) for t in test_sets])
+    return _md_table(header, rows)
+
+
+def standardised_markdown(result: dict, method_names: list[str]) -> str:
+    gt = standardised_by_test_set(result["ground_truth"])
+    blocks = []
+    for test_set, groups_map in gt.items():
+        groups = list(groups_map)
+        header = ["method"] + groups
+        rows = [["**Ground truth**"] + [f"{groups_map[g]:+.2f}" for g in groups]]
+        for name in method_names:
+            z = standardised_by_test_set(result["methods"][name]).get(test_set, {})
+            rows.append([display(name)] + [f"{z[g]:+.2f}" if g in z else "n/a" for g in groups])
+        title = f"Standardised influence on `{test_set}` (z-score over training groups per subset, mean over subsets and seeds)"
+        blocks.append(f"{title}\n\n" + _md_table(header, rows))
+    return "\n\n".join(blocks)
+
+
+def ablation_markdown(setting: str, result: dict, sweep: dict) -> str:
+    """Table 4 style: rows optimizer × lr, columns the swept methods' Pearson per test set."""
+    labels = [name for name, info in sweep.items() if name in result["methods"]]
+    bases = list(dict.fromkeys(sweep[n]["base"] for n in labels))
+    combos = list(dict.fromkeys((sweep[n]["optimizer"], sweep[n]["lr"]) for n in labels))
+    test_sets = list(dict.fromkeys(t for n in labels for t in result["methods"][n]["test_sets"]))
+    header = ["optimizer", "lr"] + [f"{display(b)} ({t})" for b in bases for t in test_sets]
+    rows = []
+    for opt, lr in combos:
+        row = [opt, f"{lr:g}"]
+        for b in bases:
+            match = [n for n in labels if sweep[n]["base"] == b and (sweep[n]["optimizer"], sweep[n]["lr"]) == (opt, lr)]
+            for t in test_sets:
+                row.append(_fmt(result["methods"][match[0]]["test_sets"].get(t, {}).get("pearson")) if match else "n/a")
+        rows.append(row)
+    return _md_table(header, rows)
+
+
+def paper_table3_markdown(metrics: dict, method_names: list[str]) -> str:
+    """Our Pearson per test set next to the paper's Table 3 (settings named equal/unequal)."""
+    blocks = []
+    for setting in ("equal", "unequal"):
+        if setting not in metrics:
+            continue
+        result = metrics[setting]
+        header = ["method"] + [f"{t} (paper)" if i % 2 else f"{t} (ours)" for t in PAPER_TEST_SETS for i in range(2)]
+        rows = []
+        for name in method_names:
+            if name not in result["methods"]:
+                continue
+            paper = PAPER_TABLE3[setting].get(display(name))
+            row = [display(name)]
+            for j, t in enumerate(PAPER_TEST_SETS):
+                row.append(_fmt(result["methods"][name]["test_sets"].get(t, {}).get("pearson")))
+                row.append(f"{paper[j]:.3f}" if paper else "n/a")
+            rows.append(row)
+        for name, paper in PAPER_TABLE3[setting].items():
+            if name not in [display(n) for n in method_names]:
+                rows.append([name] + [v for j in range(3) for v in ("not run", f"{paper[j]:.3f}")])
+        blocks.append(f"#### {setting} corpus sizes (Pearson)\n\n" + _md_table(header, rows))
+    return "\n\n".join(blocks)
+
+
+def write_figures(metrics: dict, out_dir: Path, method_names: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for setting, result in metrics.items():
+        names = [n for n in method_names if n in result["methods"]]
+        gt = result["ground_truth"]["standardised"]
+        subsets = list(gt)
+        groups = list(next(iter(gt.values())))
+        # scatter: GT vs estimate
+        if names:
+            fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
+            colors = plt.cm.tab10.colors
+            for ax, name in zip(axes[0], names):
+                est = result["methods"][name]["standardised"]
+                for k, group in enumerate(groups):
+                    xs = [gt[s][group] for s in subsets]
+                    ys = [est[s][group] for s in subsets]
+                    ax.scatter(xs, ys, s=18, color=colors[k % 10], label=group, alpha=0.8)
+                lim = 2.6
+                ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
+                ts = result["methods"][name]["test_sets"]
+                pear = ", ".join(f"{t}: {_fmt(v['pearson'], 2)}" for t, v in ts.items())
+                ax.set_title(f"{display(name)}\nPearson {pear}", fontsize=8)
+                ax.set_xlabel("ground truth (standardised)")
+                ax.set_ylabel("estimate (standardised)")
+            axes[0][-1].legend(fontsize=6, loc="best")
+            fig.suptitle(f"{setting}: ground truth vs estimate (mean over seeds)", fontsize=10)
+            fig.tight_layout()
+            path = out_dir / f"scatter_{setting}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path.name)
+        # heat maps
+        panels = [("ground_truth", gt)] + [(n, result["methods"][n]["standardised"]) for n in names]
+        height = max(2.5, 0.22 * len(subsets) + 1.5)
+        fig, axes = plt.subplots(1, len(panels), figsize=(0.5 * len(groups) * len(panels) + 2.5, height), squeeze=False)
+        for ax, (name, table) in zip(axes[0], panels):
+            matrix = [[table[s][g] for g in groups] for s in subsets]
+            image = ax.imshow(matrix, cmap="RdBu_r", vmin=-2.2, vmax=2.2, aspect="auto")
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels(groups, rotation=60, fontsize=7, ha="right")
+            ax.set_yticks(range(len(subsets)))
+            ax.set_yticklabels(subsets if ax is axes[0][0] else [], fontsize=6)
+            ax.set_title(display(name), fontsize=9)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="standardised influence")
+        fig.suptitle(f"{setting}: influence of training group (x) on test subset (y)", fontsize=10)
+        path = out_dir / f"heatmap_{setting}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def write_report(
+    metrics: dict,
+    out_dir: Path,
+    *,
+    title: str,
+    command: str,
+    notes: str = "",
+    method_names: Optional[list[str]] = None,
+    sweep: Optional[dict] = None,
+    extra: Optional[dict] = None,
+    paper_table3: bool = False,
+    figures: bool = True,
+) -> dict:
+    """Write ``metrics.json``, ``results.md`` and figures into ``out_dir``; return what was written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if method_names is None:
+        method_names = list(dict.fromkeys(m for r in metrics.values() for m in r["methods"]))
+    main = [m for m in method_names if not sweep or m not in sweep]
+    write_json_atomic(out_dir / "metrics.json", _clean({"command": command, "settings": metrics, "sweep": sweep or {}, **(extra or {})}))
+    figs = write_figures(metrics, out_dir, main) if figures and main else []
+    parts = [f"# {title}", "", f"Produced by:\n\n```\n{command}\n```", ""]
+    if notes:
+        parts += [notes.strip(), ""]
+    if paper_table3 and main:
+        parts += ["### Next to the paper's Table 3", "", paper_table3_markdown(metrics, main), ""]
+    for setting, result in metrics.items():
+        names = [m for m in main if m in result["methods"]]
+        seeds = result.get("seeds", [])
+        parts += [f"## Setting `{setting}` ({len(seeds)} seed(s): {', '.join(seeds)})", ""]
+        if names:
+            parts += ["Correlation with the leave-group-out ground truth (per test subset over the training groups, "
+                      "averaged per test set; mean ± std over seeds):", "", correlation_markdown(setting, result, names), ""]
+            parts += [standardised_markdown(result, names), ""]
+        if sweep:
+            parts += ["Optimizer / learning-rate ablation (Pearson, mean ± std over seeds; Table 4 style):", "",
+                      ablation_markdown(setting, result, sweep), ""]
+        for fig in figs:
+            if fig.endswith(f"_{setting}.png"):
+                parts += [f"![{fig}]({fig})", ""]
+    write_text_atomic(out_dir / "results.md", "\n".join(parts).rstrip() + "\n")
+    return {"metrics": str(out_dir / "metrics.json"), "markdown": str(out_dir / "results.md"), "figures": figs}

@@ -1,0 +1,145 @@
+"""Registry of attribution methods that a reproduction runs by name.
+
+A config's ``methods:`` list holds :class:`MethodSpec` entries; each is dispatched by ``name`` to a
+function registered here, which gets the trained θ0 in a :class:`MethodContext` and returns a
+query-major :class:`~untrac_pl.scores.ScoreTable` (any units; it is compared at group level). Built in:
+``untrac`` and ``untrac_inv`` (through :func:`untrac_pl.engine.run_attribution`). Names of
+:mod:`untrac_pl.baselines` (``graddot``, ``gradcos``, ``tracin``, ``hif_lissa``, ``hif_arnoldi``,
+``ekfac``) are dispatched to ``compute_baseline_scores`` unless something registers them itself::
+
+    from untrac_pl.experiments.methods import register_method
+
+    @register_method("my_method")
+    def my_method(spec, ctx):        # -> ScoreTable
+        ...
+
+The function must leave ``ctx.net`` holding θ0 (the pipeline reloads θ0 after every method anyway).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+
+from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.models import ModelSpec
+from untrac_pl.optim import OptimizerSpec
+from untrac_pl.scores import ScoreTable
+
+
+@dataclass
+class MethodSpec:
+    """One method of a reproduction.
+
+    ``name``: registry key. ``label``: the name in tables and score files (default: ``name``).
+    ``optimizer``/``unlearning``: the ascent (UnTrac / UnTrac-Inv). ``target_unit``: UnTrac-Inv's
+    targets (``group`` = the whole test subset as one target, the paper's setting).
+    ``samples_per_group``: equal-size sample of each training group (UnTrac's ascent targets,
+    UnTrac-Inv's evaluation set, a baseline's training side). ``options``: extra keyword arguments
+    for the method (e.g. a baseline's ``projection_dim``).
+    """
+
+    name: str
+    label: Optional[str] = None
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    unlearning: UnlearningSchedule = field(default_factory=UnlearningSchedule)
+    target_unit: Literal["example", "group"] = "group"
+    samples_per_group: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class MethodContext:
+    """What a method gets: θ0 (``net`` + ``tokenizer``), the data and the run's settings."""
+
+    net: torch.nn.Module
+    tokenizer: object
+    model_spec: ModelSpec
+    train_records: list[dict]
+    query_records: list[dict]
+    seed: int
+    max_length: int
+    eval_batch_size: int = 32
+    trainer_kwargs: dict = field(default_factory=dict)
+    checkpoints: list = field(default_factory=list)  # [(weights path, lr), ...] of θ0's training run
+
+
+MethodFn = Callable[[MethodSpec, MethodContext], ScoreTable]
+METHOD_REGISTRY: dict[str, MethodFn] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+    def decorate(fn: MethodFn) -> MethodFn:
+        METHOD_REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def run_method(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
+    fn = METHOD_REGISTRY.get(spec.name)
+    if fn is None:
+        try:
+            from untrac_pl.baselines import METHODS as BASELINES
+        except ImportError:  # baselines not installed
+            BASELINES = ()
+        if spec.name in BASELINES:
+            fn = _baseline
+        else:
+            raise ValueError(f"unknown method '{spec.name}'; registered: {sorted(METHOD_REGISTRY)} (+ baselines)")
+    table = fn(spec, ctx)
+    table.method = spec.key
+    return table
+
+
+def _unlearning(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
+    from untrac_pl.data.datamodule import AttributionDataModule
+    from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.unlearning import UnTracModule
+
+    module = UnTracModule(model=ctx.model_spec, optimizer=spec.optimizer, unlearning=spec.unlearning)
+    module.attach(ctx.net, ctx.tokenizer)
+    datamodule = AttributionDataModule.from_records(
+        ctx.train_records,
+        ctx.query_records,
+        max_length=ctx.max_length,
+        samples_per_group=spec.samples_per_group,
+        sample_seed=ctx.seed,
+        eval_batch_size=ctx.eval_batch_size,
+    )
+    config = AttributionConfig(method=spec.name, target_unit=spec.target_unit, seed=ctx.seed, output_dir="unused")
+    kwargs = {**ctx.trainer_kwargs, "logger": False, "enable_progress_bar": False}
+    result = run_attribution(module, datamodule, config, kwargs, write=False)
+    if result.failed:
+        raise FloatingPointError(f"{spec.key}: targets failed: {result.failed}")
+    return result.table
+
+
+register_method("untrac")(_unlearning)
+register_method("untrac_inv")(_unlearning)
+
+
+def _baseline(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
+    """Any :mod:`untrac_pl.baselines` method on θ0, scored at group level (training group × test subset)."""
+    from untrac_pl.baselines import compute_baseline_scores
+    from untrac_pl.data.tokenize import sample_per_group, tokenize_records
+
+    train = sample_per_group(ctx.train_records, spec.samples_per_group, ctx.seed)
+    train_corpus = tokenize_records(train, ctx.tokenizer, ctx.max_length, "training data")
+    query_corpus = tokenize_records(ctx.query_records, ctx.tokenizer, ctx.max_length, "queries")
+    options = dict(spec.options)
+    if spec.name == "tracin":
+        options.setdefault("checkpoints", list(ctx.checkpoints))
+    out = compute_baseline_scores(
+        spec.name, ctx.net, train_corpus.examples, query_corpus.examples,
+        train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in ctx.query_records],
+        pad_token_id=ctx.tokenizer.pad_token_id, **options,
+    )
+    rows = [str(r) for r in out["group_rows"]]
+    cols = [str(c) for c in out["group_cols"]]
+    return ScoreTable(out["group_scores"].float().cpu(), rows, rows, cols, cols, "group", "group", spec.key, {"info": out.get("info", {})})

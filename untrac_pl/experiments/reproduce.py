@@ -1,0 +1,396 @@
+"""End-to-end reproduction of the paper's experiments at CPU scale.
+
+For every setting (synthetic dataset A/B, or corpus sizes equal/unequal) and every seed:
+
+1. build the data (training groups + test subsets) for that seed;
+2. train θ0 from the seed's initialisation for ``fit.max_steps`` steps on the mixture of all groups
+   (checkpoints with their learning rate for TracIn);
+3. ground truth: retrain from the *same* initialisation for the *same* number of steps without each
+   group, ``GT[s, k] = L_s(θ_-k) − L_s(θ0)``;
+4. run every method of ``methods:`` (dispatched by name through
+   :mod:`untrac_pl.experiments.methods`) on θ0;
+5. save every ScoreTable as ``<output_dir>/scores/<setting>/seed<k>/<method>.safetensors``.
+
+Then :func:`untrac_pl.evaluation.evaluate_directory` correlates every score file with the ground
+truth and :func:`untrac_pl.evaluation.report.write_report` writes ``metrics.json``, ``results.md`` and
+figures. Any ScoreTable file dropped into a seed folder is evaluated too (``evaluate_only: true``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from untrac_pl.data.tokenize import sample_per_group, tokenize_records
+from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
+from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
+from untrac_pl.lm import CausalLMModule, LRSchedule, example_losses
+from untrac_pl.models import ModelSpec, build_model, load_tokenizer
+from untrac_pl.optim import OptimizerSpec
+from untrac_pl.training import FitSpec, block_records, fit_lm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticData:
+    """Experiment 1 data: ``source: generated`` (the project's generator, a fresh draw per seed) or
+    ``csv`` (the original CSVs in ``csv_dir``, the same for every seed)."""
+
+    datasets: list[str] = field(default_factory=lambda: ["A", "B"])
+    source: Literal["generated", "csv"] = "generated"
+    n_per_task: int = 256
+    n_test: int = 256
+    csv_dir: Optional[str] = None
+
+
+@dataclass
+class CorporaData:
+    """Experiment 2 data: eight corpora and three test sets.
+
+    ``source: real`` reads ``corpora_dir/<name>.jsonl`` and ``tests_dir`` (ToxiGen, WinoBias,
+    TruthfulQA); ``embedded`` generates look-alikes (:func:`untrac_pl.data.embedded.pretraining_corpora`).
+    Documents are cut into ``block_size``-token blocks; ``equal`` keeps ``blocks_per_corpus`` blocks
+    of every corpus, ``unequal`` the paper's 30/20/15/10/10/5/5/5 % of ``8 * blocks_per_corpus``.
+    Each test subset is sampled to ``query_samples_per_group`` examples.
+    """
+
+    source: Literal["real", "embedded"] = "embedded"
+    sizes: list[Literal["equal", "unequal"]] = field(default_factory=lambda: ["equal", "unequal"])
+    corpora_dir: str = "../shared/data/corpora"
+    tests_dir: str = "../shared/data/tests"
+    toxigen_file: str = "toxigen_annotated.jsonl"
+    block_size: int = 64
+    blocks_per_corpus: int = 256
+    query_samples_per_group: Optional[int] = 16
+    tokenizer_docs_per_corpus: int = 200
+    embedded_docs_per_corpus: int = 400
+    embedded_test_per_group: int = 16
+
+
+@dataclass
+class LMTraining:
+    """Optimiser of θ0 and of every leave-group-out model."""
+
+    optimizer: OptimizerSpec = field(default_factory=lambda: OptimizerSpec(name="adamw", lr=1e-3))
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Sweep:
+    """Optimizer × learning-rate ablation: every base method in ``methods`` is rerun with each pair."""
+
+    methods: list[str] = field(default_factory=lambda: ["untrac", "untrac_inv"])
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "sgd_momentum", "rmsprop", "adam", "adafactor"])
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+
+
+@dataclass
+class ReproduceConfig:
+    """A reproduction: experiment, settings, seeds, model, θ0 training, methods and outputs."""
+
+    name: str = "synthetic"
+    title: str = "UnTrac reproduction"
+    experiment: Literal["synthetic", "corpora"] = "synthetic"
+    output_dir: str = "results/synthetic"
+    log_dir: Optional[str] = None
+    work_dir: str = "runs/reproduce"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    num_seeds: Optional[int] = None
+    settings: Optional[list[str]] = None
+    synthetic: SyntheticData = field(default_factory=SyntheticData)
+    corpora: CorporaData = field(default_factory=CorporaData)
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, train_tokenizer_vocab=512))
+    max_length: int = 64
+    eval_batch_size: int = 64
+    fit: FitSpec = field(default_factory=FitSpec)
+    lm: LMTraining = field(default_factory=LMTraining)
+    methods: list[MethodSpec] = field(default_factory=list)
+    sweep: Optional[Sweep] = None
+    resume: bool = False
+    evaluate_only: bool = False
+    figures: bool = True
+    notes: str = ""
+    threads: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+def settings_of(cfg: ReproduceConfig) -> list[str]:
+    every = list(cfg.synthetic.datasets) if cfg.experiment == "synthetic" else list(cfg.corpora.sizes)
+    if cfg.settings:
+        unknown = [s for s in cfg.settings if s not in every]
+        if unknown:
+            raise ValueError(f"settings {unknown} are not among {every}")
+        return [s for s in every if s in cfg.settings]
+    return every
+
+
+def seeds_of(cfg: ReproduceConfig) -> list[int]:
+    return list(cfg.seeds[: cfg.num_seeds] if cfg.num_seeds else cfg.seeds)
+
+
+def _prefixed(records: list[dict], test_set: str) -> list[dict]:
+    return [{**r, "id": f"{test_set}:{r['id']}", "group": f"{test_set}/{r['group']}"} for r in records]
+
+
+def synthetic_data(cfg: ReproduceConfig, dataset: str, seed: int) -> dict:
+    from untrac_pl.data.synthetic import load_synthetic, make_synthetic
+
+    s = cfg.synthetic
+    if s.source == "csv":
+        data = load_synthetic(dataset, s.csv_dir)
+    else:
+        data = make_synthetic(dataset, n_per_task=s.n_per_task, n_test=s.n_test, seed=seed)
+    train, queries = data["train"], data["test"]
+    texts = [r["prompt"] + r["completion"] for r in train + queries]
+    return {"train": train, "queries": queries, "tokenizer_texts": texts}
+
+
+def _real_tests(c: CorporaData) -> list[dict]:
+    from untrac_pl.data.records import DataSource, read_records
+
+    tests_dir = Path(c.tests_dir)
+    queries = []
+    for test_set, filename in (("toxigen", c.toxigen_file), ("winobias", "winobias.jsonl"), ("truthfulqa", "truthfulqa.jsonl")):
+        records = read_records(DataSource(path=str(tests_dir / filename), id_field="__none__"))
+        queries += _prefixed(records, test_set)
+    return queries
+
+
+def corpora_data(cfg: ReproduceConfig, size: str, seed: int) -> dict:
+    """Raw documents and test records (before blocking); blocks are made once the tokenizer exists."""
+    from untrac_pl.data.embedded import CORPUS_NAMES, pretraining_corpora
+
+    c = cfg.corpora
+    if c.source == "real":
+        from untrac_pl.data.records import DataSource, read_records
+
+        docs = []
+        for name in CORPUS_NAMES:
+            docs += read_records(DataSource(path=str(Path(c.corpora_dir) / f"{name}.jsonl"), group=name))
+        queries = _real_tests(c)
+    else:
+        data = pretraining_corpora(c.embedded_docs_per_corpus, seed=seed, n_test_per_group=c.embedded_test_per_group)
+        docs = data["train"]
+        queries = []
+        for key, records in data["tests"].items():
+            queries += _prefixed(records, key.replace("_like", ""))
+    queries = sample_per_group(queries, c.query_samples_per_group, seed)
+    tok_docs = sample_per_group(docs, c.tokenizer_docs_per_corpus, 12345)  # tokenizer: the same for every seed
+    return {"docs": docs, "queries": queries, "tokenizer_texts": [r["text"] for r in tok_docs], "size": size}
+
+
+def corpus_blocks(cfg: ReproduceConfig, docs: list[dict], tokenizer, size: str, seed: int) -> list[dict]:
+    from untrac_pl.data.embedded import CORPUS_NAMES, UNEQUAL_FRACTIONS
+
+    c = cfg.corpora
+    blocks = block_records(docs, tokenizer, c.block_size)
+    if size == "equal":
+        counts = {name: c.blocks_per_corpus for name in CORPUS_NAMES}
+    else:
+        total = c.blocks_per_corpus * len(CORPUS_NAMES)
+        counts = {name: max(1, round(UNEQUAL_FRACTIONS[name] * total)) for name in CORPUS_NAMES}
+    by_group: dict[str, list[dict]] = {}
+    for b in blocks:
+        by_group.setdefault(b["group"], []).append(b)
+    out = []
+    for name in CORPUS_NAMES:
+        members = by_group.get(name, [])
+        if len(members) < counts[name]:
+            log.warning("corpus %s has %d blocks, fewer than the %d asked for; using all", name, len(members), counts[name])
+        out += sample_per_group(members, counts[name], seed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one setting × seed
+# --------------------------------------------------------------------------------------------------
+def expand_methods(cfg: ReproduceConfig) -> tuple[list[MethodSpec], dict]:
+    methods = list(cfg.methods)
+    sweep_info: dict = {}
+    if cfg.sweep:
+        for base_name in cfg.sweep.methods:
+            base = next((m for m in cfg.methods if m.name == base_name), None)
+            if base is None:
+                raise ValueError(f"sweep method '{base_name}' has no entry in methods:")
+            for opt in cfg.sweep.optimizers:
+                for lr in cfg.sweep.lrs:
+                    label = f"{base_name}@{opt}@{lr:g}"
+                    methods.append(replace(base, label=label, optimizer=replace(base.optimizer, name=opt, lr=float(lr))))
+                    sweep_info[label] = {"base": base_name, "optimizer": opt, "lr": float(lr)}
+    keys = [m.key for m in methods]
+    if len(set(keys)) != len(keys) or GROUND_TRUTH in keys:
+        raise ValueError(f"method labels must be unique and not '{GROUND_TRUTH}': {keys}")
+    return methods, sweep_info
+
+
+def _tb_logger(cfg: ReproduceConfig, setting: str, seed: int, version: str):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    log_dir = cfg.log_dir or str(Path(cfg.output_dir) / "tensorboard")
+    return TensorBoardLogger(save_dir=log_dir, name=f"{setting}/seed{seed}", version=version, default_hp_metric=False)
+
+
+def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None) -> dict:
+    """Train θ0, compute GT and every method for one setting and seed; write the score files.
+
+    ``data`` (``{"train", "queries", "tokenizer_texts"}`` records) replaces the experiment's own data
+    (Python API: any grouped training records and grouped queries).
+    """
+    timings: dict = {}
+    t0 = time.perf_counter()
+    if data is None:
+        data = synthetic_data(cfg, setting, seed) if cfg.experiment == "synthetic" else corpora_data(cfg, setting, seed)
+    spec = replace(cfg.model, init_seed=seed) if cfg.model.config is not None else cfg.model
+    tokenizer = load_tokenizer(spec, data["tokenizer_texts"])
+    train_records = data["train"] if "train" in data else corpus_blocks(cfg, data["docs"], tokenizer, setting, seed)
+    query_records = data["queries"]
+    net = build_model(spec, tokenizer)
+    init_state = copy.deepcopy(net.state_dict())
+    lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps, max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
+    lm.attach(net, tokenizer)
+    train_corpus = tokenize_records(train_records, tokenizer, cfg.max_length, "training data")
+    query_corpus = tokenize_records(query_records, tokenizer, cfg.max_length, "queries")
+    timings["data_s"] = time.perf_counter() - t0
+
+    fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[])
+    t1 = time.perf_counter()
+    ckpt_dir = Path(cfg.work_dir) / cfg.name / setting / f"seed{seed}" / "checkpoints"
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    theta0_run = fit_lm(lm, train_corpus, fit_spec, trainer_kwargs, logger=_tb_logger(cfg, setting, seed, "full"), checkpoint_dir=ckpt_dir)
+    theta0 = copy.deepcopy(net.state_dict())
+    base = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
+    timings["fit_theta0_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    gt, runs = leave_group_out(
+        lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, [r["group"] for r in query_records],
+        fit_spec, base, trainer_kwargs, logger_factory=lambda v: _tb_logger(cfg, setting, seed, v), eval_batch_size=cfg.eval_batch_size,
+    )
+    timings["ground_truth_s"] = time.perf_counter() - t2
+    gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean())})
+    seed_dir.mkdir(parents=True, exist_ok=True)
+
+    ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
+                        seed=seed, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
+                        trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
+    method_times = {}
+    for method in methods:
+        net.load_state_dict(theta0)
+        tm = time.perf_counter()
+        table = run_method(method, ctx)
+        method_times[method.key] = time.perf_counter() - tm
+        table.metadata.update({"setting": setting, "seed": seed, "spec": asdict(method), "seconds": method_times[method.key]})
+        table.save(seed_dir / f"{method.key}.safetensors")
+    net.load_state_dict(theta0)
+    timings["methods_s"] = method_times
+    timings["total_s"] = time.perf_counter() - t0
+    gt.metadata["timings"] = timings
+    gt.save(seed_dir / f"{GROUND_TRUTH}.safetensors")  # written last: marks the seed folder complete
+    gt_groups = gt.group_level()
+    return {
+        "timings": timings,
+        "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean())},
+        "retrain_steps": {k: v["steps"] for k, v in runs.items()},
+        "num_train_examples": len(train_records),
+        "num_train_per_group": {g: len(ix) for g, ix in train_corpus.group_members().items()},
+        "num_queries": len(query_records),
+        "ground_truth_group_level": {r: dict(zip(gt_groups.col_ids, gt_groups.scores[i].tolist())) for i, r in enumerate(gt_groups.row_ids)},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# whole reproduction
+# --------------------------------------------------------------------------------------------------
+def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:
+    """Run (or, with ``evaluate_only``, just evaluate) a reproduction; returns the written report paths."""
+    import json
+
+    from untrac_pl.evaluation.metrics import evaluate_directory
+    from untrac_pl.evaluation.report import write_report
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    scores_root = out_dir / "scores"
+    methods, sweep_info = expand_methods(cfg)
+    settings, seeds = settings_of(cfg), seeds_of(cfg)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
+    runs_path = out_dir / "runs.json"
+    runs: dict = json.loads(runs_path.read_text()) if (cfg.resume or cfg.evaluate_only) and runs_path.exists() else {}
+    if not cfg.evaluate_only:
+        for setting in settings:
+            for seed in seeds:
+                seed_dir = scores_root / setting / f"seed{seed}"
+                done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all((seed_dir / f"{m.key}.safetensors").exists() for m in methods)
+                if cfg.resume and done:
+                    print(f"[reproduce] {setting} seed {seed}: already done, skipped", flush=True)
+                    continue
+                if seed_dir.exists():
+                    shutil.rmtree(seed_dir)
+                print(f"[reproduce] {setting} seed {seed}: training θ0, {len(methods)} method(s)...", flush=True)
+                info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs)
+                runs.setdefault(setting, {})[f"seed{seed}"] = info
+                from untrac_pl.io import write_json_atomic
+
+                write_json_atomic(runs_path, _jsonable(runs))
+                t = info["timings"]
+                print(f"[reproduce] {setting} seed {seed}: done in {t['total_s']:.1f} s (θ0 {t['fit_theta0_s']:.1f} s, GT {t['ground_truth_s']:.1f} s, "
+                      f"methods {sum(t['methods_s'].values()):.1f} s)", flush=True)
+    metrics = evaluate_directory(scores_root)
+    metrics = {s: metrics[s] for s in settings if s in metrics}
+    wall = time.perf_counter() - started
+    extra = {"name": cfg.name, "wall_seconds": wall, "runs": _jsonable(runs), "config": _jsonable(asdict(cfg)), "versions": _versions()}
+    notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall)
+    return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in methods],
+                        sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures)
+
+
+def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float) -> str:
+    lines = [f"Run facts: seeds {seeds_of(cfg)}, settings {settings_of(cfg)}; θ0 and every leave-group-out model: "
+             f"{cfg.fit.max_steps} steps of batch {cfg.fit.batch_size} ({cfg.lm.optimizer.name}, lr {cfg.lm.optimizer.lr:g}, {cfg.lm.lr_schedule}); "
+             f"model {cfg.model.config or cfg.model.name_or_path}; wall time of this invocation {wall / 60:.1f} min "
+             f"(torch threads: {torch.get_num_threads()})."]
+    for setting, seeds in runs.items():
+        for seed, info in seeds.items():
+            t = info["timings"]
+            lines.append(f"- `{setting}` {seed}: θ0 final train loss {info['theta0']['final_train_loss']:.3f}, mean test loss "
+                         f"{info['theta0']['mean_query_loss']:.3f}; {info['num_train_examples']} training sequences; total {t['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import platform
+
+    import lightning
+    import transformers
+
+    return {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _jsonable(obj):
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
