@@ -7,7 +7,7 @@ losses once, restores θ0 in place, and scores in length-sorted batches. Both us
 optimizer, schedule and pre-tokenised examples, and the benchmark checks that the scores agree
 (max |Δ| <= 1e-5: batch-1 and padded-batch forwards differ only in float rounding).
 
-    python benchmarks/bench_naive.py               # CPU defaults (~2-3 min on 2 cores)
+    python benchmarks/bench_naive.py               # CPU defaults (~3 min on 2 busy cores)
     python benchmarks/bench_naive.py --device cuda --train 1024 --queries 8
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--train", type=int, default=384, help="training documents (the evaluation set)")
+    parser.add_argument("--train", type=int, default=768, help="training documents (the evaluation set)")
     parser.add_argument("--sentences", type=int, default=2)
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)

@@ -5,7 +5,8 @@ per target, per-example losses and scores, RankingWriter collection), timed per 
 Bare: ``with torch.inference_mode(): model(input_ids, attention_mask)`` over the very same
 pre-collated batches (same length-sorted batching, same padding), logits only, no loss. Both sides
 use the same model object and precision (autocast when mixed). Each engine pass is followed at once
-by a bare pass (paired; the ratio is the median of per-pair ratios); the θ0 pass is warm-up. Also measured: ``targets_per_pass: k`` (k parameter sets per
+by a bare pass or preceded by one, alternately (paired; the ratio is the median of per-pair
+ratios); the θ0 pass is warm-up. Also measured: ``targets_per_pass: k`` (k parameter sets per
 collated batch), reported as scoring throughput per target relative to the same bare forward.
 
     python benchmarks/bench_throughput.py                      # CPU defaults (~2 min on 2 cores)
@@ -23,11 +24,12 @@ from _common import Stopwatch, autocast, documents, engine_trainer_kwargs, envir
 
 
 class PairedPassTimer(pl.Callback):
-    """Times every engine predict pass, then runs one bare pass over the same batches right after it.
+    """Times every engine predict pass and pairs it with one bare pass over the same batches, run
+    just before it (even passes) or just after it (odd passes), so order effects cancel.
 
-    Pairing each engine pass with a bare pass measured moments later makes the ratio robust to a
-    machine whose load drifts (the shared CI box this runs on); the reported ratio is the median of
-    the per-pair ratios. The θ0 pass (the first) is a warm-up and is not paired.
+    Pairing makes the ratio robust to a machine whose load drifts (the shared CI box this runs on);
+    the reported ratio is the median of the per-pair ratios. The θ0 pass (the first) is a warm-up
+    and is not paired.
     """
 
     def __init__(self, device: str, precision: str, bare_pass):
@@ -36,17 +38,20 @@ class PairedPassTimer(pl.Callback):
         self.calls = 0
 
     def on_predict_epoch_start(self, trainer, pl_module):
+        self.calls += 1
+        if self.calls > 1 and self.calls % 2 == 0:  # alternate the order: bare first on even passes
+            self.bare.append(self.bare_pass())
         sync(self.device)
         self._start = time.perf_counter()
 
     def on_predict_epoch_end(self, trainer, pl_module):
         sync(self.device)
         seconds = time.perf_counter() - self._start
-        self.calls += 1
         if self.calls == 1:
             return
         self.engine.append(seconds)
-        self.bare.append(self.bare_pass())
+        if self.calls % 2 == 1:
+            self.bare.append(self.bare_pass())
 
 
 def main(argv=None) -> dict:
@@ -61,7 +66,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sentences", type=int, default=6, help="sentences per document (~12 tokens each)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--targets", type=int, default=4)
+    parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--k", type=int, default=4, help="targets_per_pass of the multi-query run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

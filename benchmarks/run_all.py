@@ -47,7 +47,7 @@ def run(name: str, extra: list[str], args) -> dict:
     return json.loads((Path(args.out) / f"{name}.json").read_text())
 
 
-def table(results: dict) -> str:
+def table(results: dict, out: str = "benchmarks/results") -> str:
     rows = ["| benchmark | measured | goal | met | setting |", "|---|---|---|---|---|"]
 
     def add(name, value, goal, met, setting):
@@ -64,7 +64,7 @@ def table(results: dict) -> str:
     n = results.get("naive")
     if n:
         add("end-to-end speed-up vs naive reference", f"{n['ratio']:.1f}×", "≥ 20×", n["ratio"] >= 20,
-            f"{n['workload']['queries']} queries × {n['workload']['train_documents']} docs, {n['model']['layers']}×{n['model']['width']} GPT-2; identical scores (max |Δ| {n['max_abs_score_difference']:.1e})")
+            f"{n['workload']['queries']} queries × {n['workload']['train_documents']} docs, {n['model']['layers']}×{n['model']['width']} GPT-2; identical scores (max abs diff {n['max_abs_score_difference']:.1e})")
     o = results.get("overhead")
     if o:
         m = o["model"]
@@ -78,7 +78,8 @@ def table(results: dict) -> str:
     env = next(iter(results.values()))["environment"]
     where = env.get("gpu") or f"CPU, {env['threads']} thread(s) of {env['cpu_count']} cores"
     rows.append("")
-    rows.append(f"Measured in one run of `{' '.join(['python', 'benchmarks/run_all.py'] + sys.argv[1:])}` on {where}, torch {env['torch']}; raw numbers in `benchmarks/results/*.json`.")
+    shown = [a for a in sys.argv[1:] if a not in ("--reuse", "--update-readme")]
+    rows.append(f"Measured in one run of `{' '.join(['python', 'benchmarks/run_all.py'] + shown)}` on {where}, torch {env['torch']}; raw numbers in `{out}/*.json`.")
     return "\n".join(rows)
 
 
@@ -104,11 +105,19 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu-sizes", action="store_true")
     parser.add_argument("--only", nargs="*", default=["throughput", "naive", "overhead", "memory"])
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="reuse <out>/<name>.json files that exist")
     args = parser.parse_args(argv)
+    args.out = str(Path(args.out).resolve())  # the benchmarks run with cwd=benchmarks/
     Path(args.out).mkdir(parents=True, exist_ok=True)
     sizes = TINY if args.tiny else GPU if args.gpu_sizes else {}
-    results = {name: run(name, sizes.get(name, []), args) for name in args.only}
-    text = table(results)
+    results = {}
+    for name in args.only:
+        existing = Path(args.out) / f"{name}.json"
+        if args.reuse and existing.exists():
+            results[name] = json.loads(existing.read_text())
+        else:
+            results[name] = run(name, sizes.get(name, []), args)
+    text = table(results, Path(args.out).resolve().relative_to(HERE.parent).as_posix() if Path(args.out).resolve().is_relative_to(HERE.parent) else args.out)
     print(text)
     (Path(args.out) / "table.md").write_text(text + "\n")
     if args.update_readme:

@@ -61,14 +61,15 @@ SCRIPT = textwrap.dedent(
         # 37 examples in batches of 8: 5 batches, an odd split over 2 ranks
         dm = AttributionDataModule.from_records(qs["train"][:37], qs["queries"][:3], max_length=32, eval_batch_size=8)
         checks = Checksums()
-        trainer = {"accelerator": "cpu", "devices": devices, "enable_progress_bar": False, "logger": False, "callbacks": [checks]}
+        # use_distributed_sampler=True as the CLI passes it: the engine must still never shard the ascent
+        trainer = {"accelerator": "cpu", "devices": devices, "enable_progress_bar": False, "logger": False,
+                   "callbacks": [checks], "use_distributed_sampler": True}
         if devices > 1:
             trainer["strategy"] = "ddp"
         config = AttributionConfig(output_dir=os.path.join(out, f"run-k{k}"), overwrite=True, targets_per_pass=k)
         result = run_attribution(module, dm, config, trainer, write=write)
         return {"rank": checks.rank, "sums": checks.sums, "scores": result.table.scores.tolist(),
-                "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None,
-                "world_size": getattr(result, "world_size", None)}
+                "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None}
 
 
     if __name__ == "__main__":

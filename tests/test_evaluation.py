@@ -113,3 +113,20 @@ def test_evaluate_seeds_rejects_missing_groups():
     gt = _table([[1, 2, 3]], ["test"], ["a", "b", "c"], "ground_truth")
     with pytest.raises(ValueError, match="lacks ground-truth groups"):
         evaluate_seeds([_table([[1, 2]], ["test"], ["a", "b"])], [gt])
+
+
+def test_sweep_report_writes_table4_markdown_and_json(tmp_path):
+    groups = ["a", "b", "c", "d"]
+    folder = tmp_path / "scores" / "A" / "seed0"
+    _table([[1, 2, 3, 4]], ["test"], groups, "ground_truth").save(folder / "ground_truth.safetensors")
+    _table([[1, 2, 3, 4]], ["test"], groups, "untrac@sgd@0.001").save(folder / "untrac@sgd@0.001.safetensors")
+    _table([[4, 3, 2, 1]], ["test"], groups, "untrac@adam@0.001").save(folder / "untrac@adam@0.001.safetensors")
+    sweep = {"untrac@sgd@0.001": {"base": "untrac", "optimizer": "sgd", "lr": 1e-3},
+             "untrac@adam@0.001": {"base": "untrac", "optimizer": "adam", "lr": 1e-3},
+             "untrac@rmsprop@0.001": {"base": "untrac", "optimizer": "rmsprop", "lr": 1e-3}}  # diverged: no file
+    write_report(evaluate_directory(tmp_path / "scores"), tmp_path / "out", title="t", command="cmd", sweep=sweep, figures=False)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| sgd | 0.001 | 1.000 |" in md and "| adam | 0.001 | -1.000 |" in md and "| rmsprop | 0.001 | n/a |" in md
+    rows = {r["optimizer"]: r for r in json.loads((tmp_path / "out" / "ablation.json").read_text())["rows"]}
+    assert rows["sgd"]["pearson"]["mean"] == pytest.approx(1.0, abs=1e-5) and rows["adam"]["pearson"]["mean"] == pytest.approx(-1.0, abs=1e-5)
+    assert rows["rmsprop"]["pearson"] is None and rows["sgd"]["setting"] == "A" and rows["sgd"]["test_set"] == "test"

@@ -33,11 +33,11 @@ class CountingDataModule(AttributionDataModule):
         return loader
 
 
-def _run(spec, quickstart, k, method="untrac_inv", module_hook=None):
+def _run(spec, quickstart, k, method="untrac_inv", module_hook=None, groups=("animals", "cooking", "sports")):
     module = UnTracModule(spec, OptimizerSpec(lr=1e-3), UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
     if module_hook:
         module_hook(module)
-    train = [r for g in ("animals", "cooking", "sports") for r in [r for r in quickstart["train"] if r["group"] == g][:5]]
+    train = [r for g in groups for r in [r for r in quickstart["train"] if r["group"] == g][:5]]
     dm = CountingDataModule.from_records(train, quickstart["queries"][:4], max_length=32, eval_batch_size=6)
     CountingDataModule.collated = 0
     result = run_attribution(module, dm, AttributionConfig(method=method, targets_per_pass=k), CPU, write=False)
@@ -63,11 +63,26 @@ def test_k_targets_per_pass_give_the_same_scores_and_collate_once_per_chunk(tiny
 
 
 def test_lora_adapters_untrac_groups_k2_equals_k1(tiny_spec, quickstart):
+    """UnTrac (targets = training groups, score columns) on LoRA adapters: only adapters are stashed."""
     spec = lambda: tiny_spec(dropout=0.1, lora={"r": 2})  # noqa: E731
-    a, _ = _run(spec(), quickstart, 1, method="untrac")
-    b, _ = _run(spec(), quickstart, 2, method="untrac")  # 3 groups: chunks of 2 and 1
-    assert a.table.col_ids == b.table.col_ids == ["animals", "cooking", "sports"]
+    a, _ = _run(spec(), quickstart, 1, method="untrac", groups=("animals", "cooking"))
+    kept = {}
+
+    def snapshot_base(module):
+        load = module.load_model
+
+        def load_and_keep(texts=None):
+            load(texts)
+            kept.update({n: t.clone() for n, t in module.net.state_dict().items() if "lora_" not in n})
+            kept["module"] = module
+
+        module.load_model = load_and_keep
+
+    b, _ = _run(spec(), quickstart, 2, method="untrac", groups=("animals", "cooking"), module_hook=snapshot_base)
+    assert a.table.col_ids == b.table.col_ids == ["animals", "cooking"]
     assert torch.allclose(a.table.scores, b.table.scores, atol=1e-6, rtol=0)
+    state = kept.pop("module").net.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in kept.items())  # the frozen base was never written
 
 
 def test_a_failed_target_inside_a_chunk_leaves_the_others_intact(tiny_spec, quickstart, one_per_pass):

@@ -61,7 +61,7 @@ def _frozen_state(net):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lora_unlearning_on_quantized_base_touches_only_adapters(bits, tiny_spec, quickstart):
     spec = tiny_spec(quantization={"bits": bits, "device": "cpu"}, lora={"r": 4, "alpha": 8})
-    module = UnTracModule(spec, OptimizerSpec(lr=5e-2), UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
+    module = UnTracModule(spec, OptimizerSpec(lr=5e-2), UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
     module.load_model(_texts(quickstart))
     net = module.net
     assert is_quantized(net)
@@ -73,7 +73,7 @@ def test_lora_unlearning_on_quantized_base_touches_only_adapters(bits, tiny_spec
     adapters_theta0 = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
     watch = AdapterWatch()
-    dm = AttributionDataModule.from_records(quickstart["train"][:12], quickstart["queries"][:2], max_length=32, eval_batch_size=8)
+    dm = AttributionDataModule.from_records(quickstart["train"][:8], quickstart["queries"][:2], max_length=32, eval_batch_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_attribution(module, dm, AttributionConfig(), {**CPU, "callbacks": [watch]}, write=False)
@@ -113,19 +113,6 @@ def test_quantized_model_approximates_the_float_model_it_was_built_from(tiny_spe
     assert torch.allclose(a, b, atol=0.05) and not torch.equal(a, b)
 
 
-def test_lora_on_a_full_precision_model_restores_bit_exactly(tiny_spec, quickstart):
-    spec = tiny_spec(dropout=0.1, lora={"r": 2})
-    module = UnTracModule(spec, OptimizerSpec(lr=1e-2), UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
-    module.load_model(_texts(quickstart))
-    frozen = _frozen_state(module.net)
-    dm = AttributionDataModule.from_records(quickstart["train"][:10], quickstart["queries"][:2], max_length=32, eval_batch_size=8)
-    watch = AdapterWatch()
-    result = run_attribution(module, dm, AttributionConfig(), {**CPU, "callbacks": [watch]}, write=False)
-    assert not result.failed
-    assert all(torch.equal(watch.starts[0][n], watch.starts[1][n]) for n in watch.starts[0])
-    assert all(torch.equal(module.net.state_dict()[n], t) for n, t in frozen.items())
-
-
 def test_option_validation_and_unsupported_combinations(tiny_spec):
     with pytest.raises(ScaleConfigError, match="4 or 8"):
         normalize_quantization({"bits": 3})
@@ -146,6 +133,10 @@ def test_option_validation_and_unsupported_combinations(tiny_spec):
     with pytest.raises(ScaleConfigError, match="targets_per_pass"):
         check_scale_options(tiny_spec(), {}, targets_per_pass=0)
     check_scale_options(quant, {"precision": "bf16-mixed", "accelerator": "cpu"})  # supported
+    for strategy in ("ddp_spawn", "fsdp", "deepspeed_stage_2"):
+        with pytest.raises(ScaleConfigError, match="use strategy: ddp"):
+            check_scale_options(tiny_spec(), {"strategy": strategy})
+    check_scale_options(tiny_spec(), {"strategy": "ddp", "devices": 2, "accelerator": "cpu"})
     with pytest.raises(ScaleConfigError, match="bias"):
         attach_lora(torch.nn.Linear(2, 2), {"bias": "all"})
     with pytest.raises(ScaleConfigError, match="unknown keys"):

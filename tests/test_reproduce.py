@@ -102,3 +102,46 @@ def test_print_config_runs():
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "untrac_inv" in out.stdout and "max_steps" in out.stdout
+
+
+def test_in_memory_records_are_sampled_per_group(quickstart):
+    """``from_records`` honours ``samples_per_group`` (UnTrac's equal number of ascent steps per group)."""
+    from untrac_pl.data.datamodule import AttributionDataModule
+
+    train = quickstart["train"]
+    sizes = {}
+    for r in train:
+        sizes[r["group"]] = sizes.get(r["group"], 0) + 1
+    assert max(sizes.values()) > 2
+    dm = AttributionDataModule.from_records(train, quickstart["queries"], max_length=32, samples_per_group=2, sample_seed=0)
+    dm.load_records()
+    kept = {}
+    for r in dm.train_records:
+        kept[r["group"]] = kept.get(r["group"], 0) + 1
+    assert kept == {g: min(2, n) for g, n in sizes.items()}
+    before = list(dm.train_records)
+    dm.load_records()  # idempotent
+    assert dm.train_records == before
+
+
+def test_sweep_pairs_select_cells_and_labels():
+    from untrac_pl.experiments.reproduce import Sweep, expand_methods
+
+    cfg = ReproduceConfig(methods=METHODS, sweep=Sweep(methods=["untrac"], pairs=[("sgd", 1e-3), ("adam", 1e-4), ("adam", 1e-2)]))
+    methods, info = expand_methods(cfg)
+    assert [m.key for m in methods] == ["untrac", "untrac_inv", "untrac@sgd@0.001", "untrac@adam@0.0001", "untrac@adam@0.01"]
+    assert methods[3].optimizer.name == "adam" and methods[3].optimizer.lr == 1e-4
+    assert methods[3].unlearning == METHODS[0].unlearning  # only the optimizer changes
+    assert info["untrac@sgd@0.001"] == {"base": "untrac", "optimizer": "sgd", "lr": 1e-3}
+    grid, _ = expand_methods(ReproduceConfig(methods=METHODS, sweep=Sweep(methods=["untrac_inv"], optimizers=["sgd", "rmsprop"], lrs=[1e-4, 1e-3])))
+    assert len(grid) == 2 + 4
+
+
+def test_untrac_takes_the_same_number_of_ascent_steps_per_group(planted_run):
+    """Every training group gets an equal-size sample (``samples_per_group``), hence the same number of steps."""
+    tmp, _, info = planted_run
+    meta = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "untrac.safetensors").metadata
+    assert set(info["num_train_per_group"].values()) != {METHODS[0].samples_per_group}  # groups differ in size...
+    assert meta["optimizer_steps"] == {g: METHODS[0].samples_per_group for g in info["num_train_per_group"]}  # ...steps do not
+    inv = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "untrac_inv.safetensors")
+    assert len(inv.col_ids) == sum(min(n, METHODS[1].samples_per_group) for n in info["num_train_per_group"].values())

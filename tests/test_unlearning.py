@@ -172,3 +172,15 @@ def test_dropout_on_while_unlearning_and_eval_mode_while_scoring(saved_model_dir
     dm = AttributionDataModule.from_records(_small_corpus(quickstart, 1), quickstart["queries"][:2], max_length=32)
     run_attribution(module, dm, AttributionConfig(), dict(CPU, callbacks=[Spy()]), write=False)
     assert seen == {"train": {True}, "predict": {False}}
+
+
+def test_module_stays_on_its_device_while_the_engine_runs():
+    """Lightning's teardown calls .cpu() after each fit/predict; the engine pins the module instead."""
+    module = UnTracModule()
+    module.net = torch.nn.Linear(2, 2, device="meta")
+    module.keep_on_device = True
+    assert module.cpu() is module and module.net.weight.device.type == "meta"
+    module.keep_on_device = False
+    module.net = torch.nn.Linear(2, 2)
+    module.cpu()
+    assert module.net.weight.device.type == "cpu"

@@ -45,7 +45,8 @@ from untrac_pl.unlearning import Target, UnTracModule
 
 log = logging.getLogger(__name__)
 
-Method = Literal["untrac", "untrac_inv"]
+# the baselines (untrac_pl.baseline_runner, untrac_pl.baselines) produce the same output files
+Method = Literal["untrac", "untrac_inv", "graddot", "gradcos", "tracin", "hif_lissa", "hif_arnoldi", "ekfac"]
 
 
 @dataclass
@@ -76,6 +77,7 @@ class AttributionConfig:
     snapshot_device: Optional[str] = None
     resume: bool = True
     restart: bool = False
+    baseline: dict = field(default_factory=dict)  # options of a baseline method (untrac_pl.baseline_runner)
 
     def __post_init__(self):
         for name, low in (("top_k", 1), ("snippet_chars", 1), ("targets_per_pass", 1)):
@@ -84,6 +86,8 @@ class AttributionConfig:
                 raise ValueError(f"attribution.{name} must be an integer >= {low}, got {value!r}")
         if not str(self.output_dir).strip():
             raise ValueError("attribution.output_dir is empty")
+        if self.method not in Method.__args__:
+            raise ValueError(f"attribution.method '{self.method}' is unknown; choose one of {', '.join(Method.__args__)}")
 
 
 def target_seed(global_seed: int, target_id: str) -> int:
@@ -216,8 +220,9 @@ class AttributionRunner:
         kwargs.setdefault("num_sanity_val_steps", 0)
         kwargs.setdefault("max_epochs", 1)
         kwargs.setdefault("log_every_n_steps", 1)
-        # the engine shards evaluation itself (untrac_pl.distributed); ascent data is never sharded
-        kwargs.setdefault("use_distributed_sampler", False)
+        # the engine shards evaluation itself (untrac_pl.distributed) and ascent data is never sharded:
+        # forced off, since the CLI passes Lightning's default (True) explicitly
+        kwargs["use_distributed_sampler"] = False
         return pl.Trainer(logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
 
     def _logger(self, run_dir: Path):
@@ -246,6 +251,7 @@ class AttributionRunner:
             fingerprint = run_fingerprint(self.config, self.module, self.datamodule, plan, self.trainer_kwargs)
             self.state = ResumeState.open(staged.partial, fingerprint, resume=self.config.resume, restart=self.config.restart, versions=_versions())
         run_dir = staged.partial if staged else None
+        self.module.keep_on_device = True  # no host<->device round trip per target (see UnTracModule.cpu)
         try:
             result = self._run(plan, run_dir, started, write)
         except BaseException as exc:
@@ -258,6 +264,8 @@ class AttributionRunner:
                 raise OutputWriteError(f"{exc}; {kept}: free space and re-run the same command to resume") from exc
             log.warning("run stopped (%s); %s: re-run the same command to resume", type(exc).__name__, kept)
             raise
+        finally:
+            self.module.keep_on_device = False
         if staged:
             self.state.close()
             result.output_dir = staged.commit()
@@ -459,4 +467,7 @@ class _quiet_lightning:
 
 
 def run_attribution(module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None, write: bool = True, extra_files: Optional[dict] = None) -> AttributionResult:
-    return AttributionRunner(module, datamodule, config, trainer_kwargs).run(write=write, extra_files=extra_files)
+    from untrac_pl.baseline_runner import BaselineRunner, is_baseline
+
+    runner_cls = BaselineRunner if is_baseline(config.method) else AttributionRunner
+    return runner_cls(module, datamodule, config, trainer_kwargs).run(write=write, extra_files=extra_files)

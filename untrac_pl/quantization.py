@@ -233,6 +233,15 @@ def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, ta
             raise ScaleConfigError("trainer.accelerator is cpu but the model would be quantised on the GPU: set model.quantization.device: cpu")
         if getattr(model_spec, "dtype", "float32") == "float16" and device == "cpu":
             raise ScaleConfigError("model.dtype float16 with a quantised model on CPU is not supported; use float32 or bfloat16")
+    strategy = trainer_kwargs.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    spawned = isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")) or \
+        getattr(strategy, "_start_method", "popen") != "popen"
+    if spawned or str(name).lower().startswith(("fsdp", "deepspeed", "xla", "model_parallel")):
+        raise ScaleConfigError(
+            f"trainer.strategy={name} is not supported: the engine runs one Trainer per target in the same processes "
+            "and keeps the full trainable weights on every rank; use strategy: ddp (Lightning's launcher, torchrun or SLURM)"
+        )
     accelerator = str(trainer_kwargs.get("accelerator", "auto"))
     if precision in ("16-mixed", "16") and accelerator == "cpu":
         warnings.warn("precision 16-mixed is GPU-only; Lightning uses bf16-mixed on CPU (recorded in the run's metadata)", stacklevel=2)

@@ -67,6 +67,17 @@ class UnTracModule(pl.LightningModule):
         """Use an already-loaded model and tokenizer (Python API)."""
         self.net, self.tokenizer = net, tokenizer
 
+    keep_on_device = False
+
+    def cpu(self):
+        """Stay on the accelerator while the engine holds ``keep_on_device``.
+
+        Lightning's strategy teardown moves the module to the CPU after every ``fit`` and
+        ``predict``; the engine runs one of each per target, which would copy the whole model
+        host↔device twice per target on a GPU.
+        """
+        return self if self.keep_on_device else super().cpu()
+
     def forward(self, batch: dict) -> torch.Tensor:
         return model_per_example_loss(self.net, batch)
 

@@ -25,7 +25,8 @@ class MemoryMonitor(Callback):
     On CUDA: ``torch.cuda.max_memory_allocated`` with the peak counter reset at each phase start.
     On CPU: the process RSS sampled at every batch end (a lower bound of the true peak).
     ``report()`` gives ``{phase: {"peak_bytes", "peak_gb", "device"}}``, which the engine writes to
-    ``memory.json``; the figures are also sent to the logger.
+    ``memory.json``; the figures are also sent to the logger. ``report()["model"]`` adds the model's
+    static footprint (parameter, buffer and trainable bytes; quantised weights at their packed size).
     """
 
     PHASES = {"fit": "unlearning", "predict": "scoring"}

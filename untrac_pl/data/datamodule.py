@@ -92,8 +92,9 @@ class AttributionDataModule(pl.LightningDataModule):
                 self.train_records = self._read_side(self.train_sources, demo and demo["train"], "data.train")
             if self.query_records is None:
                 self.query_records = self._read_side(self.query_sources, demo and demo["queries"], "data.queries")
-            self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
-            self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
+        # also for in-memory records (from_records): sampling is idempotent, so a second call changes nothing
+        self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
+        self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
         check_unique_ids(self.train_records, "training data")
         check_unique_ids(self.query_records, "queries")
 

@@ -116,6 +116,20 @@ def ablation_markdown(setting: str, result: dict, sweep: dict) -> str:
     return _md_table(header, rows)
 
 
+def ablation_rows(metrics: dict, sweep: dict) -> list[dict]:
+    """The ablation as flat rows (``ablation.json``): one per setting × swept method × test set, with
+    Pearson and Spearman summaries over seeds; a cell with no score file (diverged) has ``null`` values."""
+    rows = []
+    for setting, result in metrics.items():
+        test_sets = list(dict.fromkeys(t for n in sweep if n in result["methods"] for t in result["methods"][n]["test_sets"]))
+        for label, info in sweep.items():
+            for t in test_sets:
+                ts = result["methods"].get(label, {}).get("test_sets", {}).get(t)
+                rows.append({"setting": setting, "method": info["base"], "optimizer": info["optimizer"], "lr": info["lr"], "test_set": t,
+                             "label": label, "pearson": ts["pearson"] if ts else None, "spearman": ts["spearman"] if ts else None})
+    return rows
+
+
 def paper_table3_markdown(metrics: dict, method_names: list[str]) -> str:
     """Our Pearson per test set next to the paper's Table 3 (settings named equal/unequal)."""
     blocks = []
@@ -218,6 +232,8 @@ def write_report(
         method_names = list(dict.fromkeys(m for r in metrics.values() for m in r["methods"]))
     main = [m for m in method_names if not sweep or m not in sweep]
     write_json_atomic(out_dir / "metrics.json", _clean({"command": command, "settings": metrics, "sweep": sweep or {}, **(extra or {})}))
+    if sweep:
+        write_json_atomic(out_dir / "ablation.json", _clean({"command": command, "rows": ablation_rows(metrics, sweep)}))
     figs = write_figures(metrics, out_dir, main) if figures and main else []
     parts = [f"# {title}", "", f"Produced by:\n\n```\n{command}\n```", ""]
     if notes:

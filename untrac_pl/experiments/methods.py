@@ -37,7 +37,9 @@ class MethodSpec:
     targets (``group`` = the whole test subset as one target, the paper's setting).
     ``samples_per_group``: equal-size sample of each training group (UnTrac's ascent targets,
     UnTrac-Inv's evaluation set, a baseline's training side). ``options``: extra keyword arguments
-    for the method (e.g. a baseline's ``projection_dim``).
+    for the method (e.g. a baseline's ``projection_dim``); for HIF, ``hessian_samples_per_group: N``
+    takes the Hessian of a balanced N-per-group subset of that training side (cheaper). Baselines run
+    with the model switched to eager attention (:class:`eager_attention`) and back.
     """
 
     name: str
@@ -135,11 +137,40 @@ def _baseline(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
     options = dict(spec.options)
     if spec.name == "tracin":
         options.setdefault("checkpoints", list(ctx.checkpoints))
-    out = compute_baseline_scores(
-        spec.name, ctx.net, train_corpus.examples, query_corpus.examples,
-        train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in ctx.query_records],
-        pad_token_id=ctx.tokenizer.pad_token_id, **options,
-    )
-    rows = [str(r) for r in out["group_rows"]]
-    cols = [str(c) for c in out["group_cols"]]
+    hessian_n = options.pop("hessian_samples_per_group", None)
+    if hessian_n is not None and "hessian_batches" not in options:
+        # a balanced subset of the training side defines the Hessian (HIF): keeps LiSSA/Arnoldi cheap
+        hess = sample_per_group(train, int(hessian_n), ctx.seed + 1)
+        options["hessian_batches"] = tokenize_records(hess, ctx.tokenizer, ctx.max_length, "Hessian data").examples
+    with eager_attention(ctx.net):
+        out = compute_baseline_scores(
+            spec.name, ctx.net, train_corpus.examples, query_corpus.examples,
+            train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in ctx.query_records],
+            pad_token_id=ctx.tokenizer.pad_token_id, **options,
+        )
+    rows = [str(r) for r in out["query_groups"]]  # out["group_rows"]/["group_cols"] name the units, not the groups
+    cols = [str(c) for c in out["train_groups"]]
     return ScoreTable(out["group_scores"].float().cpu(), rows, rows, cols, cols, "group", "group", spec.key, {"info": out.get("info", {})})
+
+
+class eager_attention:
+    """Switch a Hugging Face model to ``eager`` attention for the block (``vmap`` per-example gradients
+    need it; SDPA's mask helpers branch on data) and back afterwards. Numerically the same function."""
+
+    def __init__(self, net):
+        self.net, self.previous = net, None
+
+    def __enter__(self):
+        config = getattr(self.net, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if config is not None and current not in (None, "eager") and hasattr(self.net, "set_attn_implementation"):
+            try:
+                self.net.set_attn_implementation("eager")
+                self.previous = current
+            except Exception:  # noqa: BLE001 - keep the model as it is; the baselines fall back to a loop
+                self.previous = None
+        return self.net
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            self.net.set_attn_implementation(self.previous)

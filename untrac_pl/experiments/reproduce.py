@@ -87,11 +87,22 @@ class LMTraining:
 
 @dataclass
 class Sweep:
-    """Optimizer × learning-rate ablation: every base method in ``methods`` is rerun with each pair."""
+    """Optimizer × learning-rate ablation: every base method in ``methods`` is rerun with each pair.
+
+    The cells are the full ``optimizers × lrs`` grid, or, when ``pairs`` is given, exactly those
+    ``[optimizer, lr]`` pairs (e.g. every optimizer at one lr plus Adam at several). Every cell runs
+    on the same θ0 and is scored against the same ground truth as the base methods (nothing is retrained).
+    """
 
     methods: list[str] = field(default_factory=lambda: ["untrac", "untrac_inv"])
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "sgd_momentum", "rmsprop", "adam", "adafactor"])
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+    pairs: Optional[list[tuple[str, float]]] = None
+
+    def cells(self) -> list[tuple[str, float]]:
+        if self.pairs:
+            return list(dict.fromkeys((str(o), float(lr)) for o, lr in self.pairs))
+        return [(o, float(lr)) for o in self.optimizers for lr in self.lrs]
 
 
 @dataclass
@@ -224,11 +235,10 @@ def expand_methods(cfg: ReproduceConfig) -> tuple[list[MethodSpec], dict]:
             base = next((m for m in cfg.methods if m.name == base_name), None)
             if base is None:
                 raise ValueError(f"sweep method '{base_name}' has no entry in methods:")
-            for opt in cfg.sweep.optimizers:
-                for lr in cfg.sweep.lrs:
-                    label = f"{base_name}@{opt}@{lr:g}"
-                    methods.append(replace(base, label=label, optimizer=replace(base.optimizer, name=opt, lr=float(lr))))
-                    sweep_info[label] = {"base": base_name, "optimizer": opt, "lr": float(lr)}
+            for opt, lr in cfg.sweep.cells():
+                label = f"{base_name}@{opt}@{lr:g}"
+                methods.append(replace(base, label=label, optimizer=replace(base.optimizer, name=opt, lr=lr)))
+                sweep_info[label] = {"base": base_name, "optimizer": opt, "lr": lr}
     keys = [m.key for m in methods]
     if len(set(keys)) != len(keys) or GROUND_TRUTH in keys:
         raise ValueError(f"method labels must be unique and not '{GROUND_TRUTH}': {keys}")
@@ -242,11 +252,15 @@ def _tb_logger(cfg: ReproduceConfig, setting: str, seed: int, version: str):
     return TensorBoardLogger(save_dir=log_dir, name=f"{setting}/seed{seed}", version=version, default_hp_metric=False)
 
 
-def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None) -> dict:
+def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None, reuse: bool = False, may_fail: tuple = ()) -> dict:
     """Train θ0, compute GT and every method for one setting and seed; write the score files.
 
     ``data`` (``{"train", "queries", "tokenizer_texts"}`` records) replaces the experiment's own data
     (Python API: any grouped training records and grouped queries).
+
+    ``reuse`` (``resume: true`` on a seed folder that has the ground truth but lacks some methods, e.g.
+    methods added to the config later): θ0 is retrained (deterministic: same seed, same data) for the
+    missing methods, the stored ground truth and the existing method files are kept.
     """
     timings: dict = {}
     t0 = time.perf_counter()
@@ -275,22 +289,44 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     timings["fit_theta0_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    gt, runs = leave_group_out(
-        lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, [r["group"] for r in query_records],
-        fit_spec, base, trainer_kwargs, logger_factory=lambda v: _tb_logger(cfg, setting, seed, v), eval_batch_size=cfg.eval_batch_size,
-    )
-    timings["ground_truth_s"] = time.perf_counter() - t2
+    gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
+    if reuse and gt_path.exists():
+        from untrac_pl.scores import ScoreTable
+
+        gt, runs = ScoreTable.load(gt_path), {}
+        stored = gt.metadata.get("base_query_loss")
+        if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
+            raise RuntimeError(f"{setting} seed {seed}: retrained θ0 has mean test loss {float(base.mean()):.6f}, the stored ground "
+                               f"truth's θ0 had {float(stored):.6f}; the run is not reproducible here: rerun with --resume false")
+        timings["ground_truth_s"] = gt.metadata.get("timings", {}).get("ground_truth_s", 0.0)
+        timings["ground_truth_reused"] = True
+    else:
+        gt, runs = leave_group_out(
+            lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, [r["group"] for r in query_records],
+            fit_spec, base, trainer_kwargs, logger_factory=lambda v: _tb_logger(cfg, setting, seed, v), eval_batch_size=cfg.eval_batch_size,
+        )
+        timings["ground_truth_s"] = time.perf_counter() - t2
     gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean())})
     seed_dir.mkdir(parents=True, exist_ok=True)
 
     ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
                         seed=seed, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
                         trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
-    method_times = {}
+    method_times = dict(gt.metadata.get("timings", {}).get("methods_s", {})) if reuse else {}
+    failed_methods: dict = {}
     for method in methods:
+        if reuse and (seed_dir / f"{method.key}.safetensors").exists():
+            continue
         net.load_state_dict(theta0)
         tm = time.perf_counter()
-        table = run_method(method, ctx)
+        try:
+            table = run_method(method, ctx)
+        except FloatingPointError as exc:  # diverged ascent (NaN/inf loss): fatal, except for sweep cells (``may_fail``)
+            if method.key not in may_fail:
+                raise
+            failed_methods[method.key] = str(exc)
+            print(f"[reproduce] {setting} seed {seed}: {method.key} diverged, no score file: {exc}", flush=True)
+            continue
         method_times[method.key] = time.perf_counter() - tm
         table.metadata.update({"setting": setting, "seed": seed, "spec": asdict(method), "seconds": method_times[method.key]})
         table.save(seed_dir / f"{method.key}.safetensors")
@@ -302,8 +338,9 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     gt_groups = gt.group_level()
     return {
         "timings": timings,
+        "failed_methods": failed_methods,
         "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean())},
-        "retrain_steps": {k: v["steps"] for k, v in runs.items()},
+        "retrain_steps": {k: v["steps"] for k, v in runs.items()} or {g: cfg.fit.max_steps for g in train_corpus.group_members()},
         "num_train_examples": len(train_records),
         "num_train_per_group": {g: len(ix) for g, ix in train_corpus.group_members().items()},
         "num_queries": len(query_records),
@@ -340,10 +377,13 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
                 if cfg.resume and done:
                     print(f"[reproduce] {setting} seed {seed}: already done, skipped", flush=True)
                     continue
-                if seed_dir.exists():
+                reuse = cfg.resume and (seed_dir / f"{GROUND_TRUTH}.safetensors").exists()
+                if seed_dir.exists() and not reuse:
                     shutil.rmtree(seed_dir)
-                print(f"[reproduce] {setting} seed {seed}: training θ0, {len(methods)} method(s)...", flush=True)
-                info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs)
+                missing = [m.key for m in methods if not (reuse and (seed_dir / f"{m.key}.safetensors").exists())]
+                print(f"[reproduce] {setting} seed {seed}: training θ0, {len(missing)} method(s) {missing}"
+                      + (" (ground truth reused)" if reuse else "") + "...", flush=True)
+                info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs, reuse=reuse, may_fail=tuple(sweep_info))
                 runs.setdefault(setting, {})[f"seed{seed}"] = info
                 from untrac_pl.io import write_json_atomic
 
@@ -370,6 +410,8 @@ def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float) -> str:
             t = info["timings"]
             lines.append(f"- `{setting}` {seed}: θ0 final train loss {info['theta0']['final_train_loss']:.3f}, mean test loss "
                          f"{info['theta0']['mean_query_loss']:.3f}; {info['num_train_examples']} training sequences; total {t['total_s']:.0f} s")
+            if info.get("failed_methods"):
+                lines.append(f"  - diverged (non-finite ascent loss; no score file, `n/a` in the tables): {', '.join(sorted(info['failed_methods']))}")
     return "\n".join(lines)
 
 
