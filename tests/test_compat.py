@@ -20,7 +20,7 @@ from untrac_pl.compat import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "coming_from_untrac_tnlp.md"
+DOC = REPO / "README.md"
 
 TRAIN = [
     "The quick fox hides under the hedge every night.",
@@ -190,11 +190,12 @@ def test_memory_efficient_estimator_batches_and_reports_missing_quantization(sav
 
 
 def _snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    section = DOC.read_text(encoding="utf-8").split("## Coming from UnTrac-TNLP", 1)[1]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def test_readme_snippets_run_verbatim(saved_model_dir, tmp_path, monkeypatch, capsys):
-    """docs/coming_from_untrac_tnlp.md's python blocks, run in order in one namespace.
+    """README.md (section "Coming from UnTrac-TNLP") python blocks, run in order in one namespace.
 
     The folder holds local model directories named gpt2 / gpt2-medium / gpt2-large (links to a tiny
     saved model): a local directory wins over a Hub id, so the snippets need no substitution.

@@ -296,7 +296,7 @@ def test_c25_config_typo(tmp_path, capsys):
 def test_c26_invalid_choice(tmp_path, capsys):
     rc, err = _cli(["--attribution.method", "untracc", "--attribution.output_dir", str(tmp_path / "out")], capsys)
     assert rc == 2 and "\n" not in err
-    assert re.search(r"error: Parser key \"attribution\.method\": Expected a typing\.Literal\['untrac', 'untrac_inv'\]\. Got value: untracc", err), err
+    assert re.search(r"error: Parser key \"attribution\.method\": Expected a typing\.Literal\['untrac', 'untrac_inv', 'graddot', 'gradcos', 'tracin', 'hif_lissa', 'hif_arnoldi', 'ekfac'\]\. Got value: untracc", err), err
     assert_no_complete_output(tmp_path / "out")
 
 

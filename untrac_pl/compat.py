@@ -10,7 +10,7 @@ Users of the student reproduction "UnTrac-TNLP" (GPT-2, Colab) call::
 Those names and return shapes are kept; what happens underneath is the project's engine
 (:func:`untrac_pl.engine.run_attribution` with ``write=False``), i.e. the same code path as
 ``untrac-pl attribute``, so the API and the CLI give identical scores for the same settings.
-What differs from the seed (see ``docs/coming_from_untrac_tnlp.md``):
+What differs from the seed (see the README section "Coming from UnTrac-TNLP"):
 
 * **Ascent is ascent.** The seed negated the loss *and* added the gradient (``(-loss).backward()``
   then ``param += lr * grad``), which is gradient *descent*. Here the module minimises ``-loss``

@@ -100,10 +100,10 @@ def standardised_markdown(result: dict, method_names: list[str]) -> str:
 
 def ablation_markdown(setting: str, result: dict, sweep: dict) -> str:
     """Table 4 style: rows optimizer × lr, columns the swept methods' Pearson per test set."""
-    labels = [name for name, info in sweep.items() if name in result["methods"]]
+    labels = list(sweep)  # a cell without a score file (diverged ascent) shows as n/a
     bases = list(dict.fromkeys(sweep[n]["base"] for n in labels))
     combos = list(dict.fromkeys((sweep[n]["optimizer"], sweep[n]["lr"]) for n in labels))
-    test_sets = list(dict.fromkeys(t for n in labels for t in result["methods"][n]["test_sets"]))
+    test_sets = list(dict.fromkeys(t for n in labels if n in result["methods"] for t in result["methods"][n]["test_sets"]))
     header = ["optimizer", "lr"] + [f"{display(b)} ({t})" for b in bases for t in test_sets]
     rows = []
     for opt, lr in combos:
@@ -111,7 +111,7 @@ def ablation_markdown(setting: str, result: dict, sweep: dict) -> str:
         for b in bases:
             match = [n for n in labels if sweep[n]["base"] == b and (sweep[n]["optimizer"], sweep[n]["lr"]) == (opt, lr)]
             for t in test_sets:
-                row.append(_fmt(result["methods"][match[0]]["test_sets"].get(t, {}).get("pearson")) if match else "n/a")
+                row.append(_fmt(result["methods"].get(match[0], {}).get("test_sets", {}).get(t, {}).get("pearson")) if match else "n/a")
         rows.append(row)
     return _md_table(header, rows)
 
