@@ -17,7 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNTRAC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one intra-op thread is fastest, and on a busy 2-core machine two threads oversubscribe.
+torch.set_num_threads(1)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
@@ -57,7 +58,6 @@ def quickstart():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(quickstart):
-    from untrac_pl.data.embedded import train_bpe_tokenizer
     from untrac_pl.models import ModelSpec, load_tokenizer
 
     texts = [r.get("text") or r["prompt"] + r["completion"] for r in quickstart["train"] + quickstart["queries"]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -32,14 +31,6 @@ TRAIN = [
 ]
 TEST = "You are such a clueless buffoon, honestly."  # = TRAIN[2]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 threads oversubscribe and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(model_dir, **overrides) -> UnTracConfig:

@@ -1,10 +1,8 @@
 """Readers, tokenisation with loss masks, truncation, sampling, length-sorted batching."""
 from __future__ import annotations
 
-import json
 
 import pytest
-import torch
 
 from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
 from untrac_pl.data.records import DataSource, read_records, records_from_list

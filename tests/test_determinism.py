@@ -45,7 +45,7 @@ def test_same_config_same_bytes_and_order_free_rows(tmp_path, tiny_spec, tiny_to
     spec = tiny_spec(dropout=0.1)
     train, queries = _train(quickstart), quickstart["queries"][:3]
     first = _untrac(spec, tiny_tokenizer, train, queries, tmp_path / "a")
-    again = _untrac(spec, tiny_tokenizer, train, queries, tmp_path / "b")
+    _untrac(spec, tiny_tokenizer, train, queries, tmp_path / "b")
     for name in ("scores.safetensors", "rankings.json", "group_scores.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 

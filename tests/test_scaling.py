@@ -5,20 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from untrac_pl.compat import UnTracConfig
 from untrac_pl.experiments.scaling import ScalingExperiment, ScalingExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(name: str, n_layer: int, n_embd: int) -> dict:

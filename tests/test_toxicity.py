@@ -17,17 +17,9 @@ from untrac_pl.experiments.toxicity import (
     ToxicityExperimentConfig,
     load_toxicity_scorer,
 )
-from untrac_pl.models import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _untrac(model_dir, **overrides) -> UnTracConfig:

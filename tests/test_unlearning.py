@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from untrac_pl.data.datamodule import AttributionDataModule
-from untrac_pl.data.records import records_from_list
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.losses import model_per_example_loss

@@ -58,13 +58,6 @@ def attribute(args: Optional[list[str]] = None) -> int:
     return 1 if result.failed else 0
 
 
-def _save_config(cli: LightningCLI, output_dir) -> None:
-    from untrac_pl.io import write_text_atomic
-
-    if output_dir is not None:
-        write_text_atomic(output_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-
-
 COMMANDS: dict[str, Callable[[Optional[list[str]]], int]] = {"attribute": attribute}
 
 # (module, command functions) registered when importable; each function takes argv and returns an exit code.

@@ -16,7 +16,6 @@ N-th target (used by tests/test_resume.py to simulate a crash; never set it othe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ from untrac_pl.data.schedule import num_optimizer_steps, plan_micro_batches
 from untrac_pl.data.tokenize import TokenizedCorpus
 from untrac_pl.errors import NonFiniteBaseLossError, NonFiniteLossError, OutputWriteError, ResumeConflictError
 from untrac_pl.io import StagedDirectory, write_json_atomic, write_text_atomic
-from untrac_pl.resume import ResumeState, broadcast_from_rank0, config_hash, run_fingerprint
+from untrac_pl.resume import ResumeState, broadcast_from_rank0, run_fingerprint
 from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import Target, UnTracModule
 
