@@ -1,6 +1,7 @@
 """Baselines (GradDot, GradCos, TracIn, HIF) against brute-force autograd references on tiny models."""
 from __future__ import annotations
 
+import importlib.util
 import copy
 import os
 import warnings
@@ -295,7 +296,35 @@ def test_ekfac_needs_kronfluence(setup):
         with pytest.raises(ImportError, match="pip install --no-deps kronfluence"):
             compute_baseline_scores("ekfac", model, train, queries)
     else:
-        pytest.skip("kronfluence installed; the EK-FAC path is not covered by this suite")
+        pytest.skip("kronfluence is installed: the EK-FAC path is checked by test_ekfac_with_kronfluence")
+
+
+def _check_ekfac_runs():
+    """With kronfluence installed (optional extra): EK-FAC on a tiny Llama (nn.Linear layers) gives a
+    finite query-major matrix, and a training copy of a query is that query's most influential example."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+    def example(i, n):
+        ids = torch.randint(1, 64, (n,)).tolist()
+        return {"input_ids": ids, "labels": ids, "index": i}
+
+    train = [example(i, 8 + i % 5) for i in range(12)]
+    queries = [dict(train[5], index=0), example(1, 10)]
+    out = compute_baseline_scores("ekfac", model, train, queries, train_groups=["a", "b", "c"] * 4)
+    scores = out["example_scores"]
+    assert scores.shape == (2, 12) and torch.isfinite(scores).all()
+    assert int(scores[0].argmax()) == 5
+    assert out["group_scores"].shape == (2, 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="optional extra kronfluence not installed (pip install --no-deps kronfluence einops einconv opt_einsum)")
+def test_ekfac_with_kronfluence():
+    _check_ekfac_runs()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,15 +3,17 @@
 kronfluence is not a dependency of untrac-pl. Install it without letting pip swap the torch build:
 
     pip install --no-deps kronfluence
-    pip install --no-deps accelerate einops einconv opt_einsum scikit-learn   # its small deps
+    pip install --no-deps einops einconv opt_einsum   # its small deps (accelerate, safetensors, tqdm come with untrac-pl)
 
 (check ``pip show kronfluence`` for its current ``Requires:`` list). kronfluence tracks only
 ``nn.Linear`` / ``nn.Conv2d`` modules: GPT-2's ``Conv1D`` layers are invisible to it, so use a
 Llama/OPT-style model (or a LoRA adapter made of ``nn.Linear``). The model is deep-copied before
 kronfluence wraps its modules; the caller's model is left untouched.
 
-Status: written against kronfluence's documented ``Task`` / ``Analyzer`` API (1.0); it was NOT run in
-this project's CI, which does not install kronfluence.
+Status: checked with kronfluence 1.0.1 installed as above (torchvision, which it lists, is not needed
+to import it): ``tests/test_baselines.py::test_ekfac_with_kronfluence`` runs EK-FAC on a tiny Llama
+(finite query-major scores; a training copy of a query ranks first). CI does not install kronfluence,
+so there that test is skipped with its reason.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from untrac_pl.losses import IGNORE_INDEX, per_example_loss
 INSTALL_HINT = (
     "method 'ekfac' needs the optional package kronfluence. Install it without touching torch:\n"
     "    pip install --no-deps kronfluence\n"
-    "    pip install --no-deps accelerate einops einconv opt_einsum scikit-learn\n"
+    "    pip install --no-deps einops einconv opt_einsum\n"
     "(see `pip show kronfluence` for its Requires list)."
 )
 
