@@ -75,15 +75,31 @@ def test_untrac_inv_equals_brute_force_reference(tiny_spec, quickstart):
     assert expected.abs().max() > 1e-3  # the comparison is not vacuous
 
 
+def _train_briefly(module, records, steps=20):
+    """A few Adam descent steps on the data, so the identity is checked away from random init."""
+    from untrac_pl.data.collate import PadCollator
+    from untrac_pl.data.tokenize import tokenize_records
+
+    module.load_model([r.get("text") or r["prompt"] + r["completion"] for r in records])
+    corpus = tokenize_records(records, module.tokenizer, 48, "warm-up")
+    batch = PadCollator(module.tokenizer.pad_token_id)(corpus.examples)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
+    module.net.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model_per_example_loss(module.net, batch).mean().backward()
+        optimizer.step()
+    module.net.eval()
+
+
 def test_one_sgd_step_full_batch_is_lr_times_graddot(tiny_spec, quickstart):
     """Paper: with one SGD step on the whole query batch, UnTrac-Inv ≈ lr × GradDot (first order)."""
     train = _small_corpus(quickstart, per_group=3)
     queries = [dict(r, group="q") for r in quickstart["queries"][:3]]
     lr = 1e-4
-    result, module, dm = _run(
-        tiny_spec(), train, queries, optimizer=OptimizerSpec(name="sgd", lr=lr),
-        schedule=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None), target_unit="group",
-    )
+    module = UnTracModule(model=tiny_spec(), optimizer=OptimizerSpec(name="sgd", lr=lr), unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
+    _train_briefly(module, train + queries)
+    result, module, dm = _run(None, train, queries, target_unit="group", module=module)
     model = module.net
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -97,7 +113,7 @@ def test_one_sgd_step_full_batch_is_lr_times_graddot(tiny_spec, quickstart):
     assert result.table.row_ids == ["q"]
     ratio = scores / (lr * graddot)
     assert torch.corrcoef(torch.stack([scores, graddot]))[0, 1] > 0.999
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.02)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.05)  # second-order terms: ~2% here
 
 
 def test_theta0_restored_bit_exactly_and_order_independent(tiny_spec, quickstart):
