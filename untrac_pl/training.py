@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from untrac_pl.data.collate import PadCollator
+from untrac_pl.data.collate import ExampleDataset, PadCollator
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.tokenize import TokenizedCorpus, tokenize_records
 from untrac_pl.io import write_json_atomic
@@ -71,17 +71,6 @@ class MixtureBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, examples):
-        self.examples = examples
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
-
-
 def mixture_dataloader(corpus: TokenizedCorpus, spec: FitSpec, pad_token_id: int) -> DataLoader:
     excluded = set(spec.exclude_groups)
     unknown = excluded - set(corpus.groups)
@@ -89,7 +78,7 @@ def mixture_dataloader(corpus: TokenizedCorpus, spec: FitSpec, pad_token_id: int
         raise ValueError(f"exclude_groups {sorted(unknown)} are not training groups ({corpus.groups})")
     allowed = [i for i, r in enumerate(corpus.records) if r["group"] not in excluded]
     sampler = MixtureBatchSampler(allowed, spec.batch_size, spec.max_steps, spec.seed)
-    return DataLoader(_Examples(corpus.examples), batch_sampler=sampler, collate_fn=PadCollator(pad_token_id))
+    return DataLoader(ExampleDataset(corpus.examples), batch_sampler=sampler, collate_fn=PadCollator(pad_token_id))
 
 
 def save_weights(net: torch.nn.Module, path: Path) -> Path:

@@ -14,6 +14,19 @@ from torch.utils.data import Sampler
 from untrac_pl.losses import IGNORE_INDEX
 
 
+class ExampleDataset(torch.utils.data.Dataset):
+    """A list of tokenised examples as a map-style dataset."""
+
+    def __init__(self, examples: Sequence[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
 class PadCollator:
     """Right-pads a list of tokenised examples into a batch."""
 

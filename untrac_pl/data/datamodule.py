@@ -11,22 +11,11 @@ from typing import Literal, Optional, Sequence
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
+from untrac_pl.data.collate import ExampleDataset, LengthSortedBatchSampler, PadCollator
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.schedule import AscentDataset, UnlearningSchedule, plan_micro_batches
 from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
 from untrac_pl.errors import DataError
-
-
-class _ExampleDataset:
-    def __init__(self, examples):
-        self.examples = examples
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
 
 
 class AttributionDataModule(pl.LightningDataModule):
@@ -128,7 +117,7 @@ class AttributionDataModule(pl.LightningDataModule):
         """All examples of ``corpus`` in length-sorted batches (order-free loss evaluation)."""
         self._require_tokens()
         return DataLoader(
-            _ExampleDataset(corpus.examples),
+            ExampleDataset(corpus.examples),
             batch_sampler=LengthSortedBatchSampler(corpus.lengths, self.eval_batch_size),
             collate_fn=self.collator,
             num_workers=self.num_workers,
