@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 
+from untrac_pl.lm_base import CausalLMHolder
 from untrac_pl.losses import model_per_example_loss
-from untrac_pl.models import ModelSpec, load_model_and_tokenizer
+from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec, build_optimizer
 
 LRSchedule = Literal["constant", "linear"]
@@ -30,7 +30,7 @@ def lr_factor(step: int, schedule: LRSchedule, warmup_steps: int, max_steps: Opt
     return max(0.0, remaining / max(1, max_steps - warmup_steps))
 
 
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(CausalLMHolder):
     """Trains a Hugging Face causal LM on collated batches (``input_ids``/``attention_mask``/``labels``).
 
     Args:
@@ -64,16 +64,6 @@ class CausalLMModule(pl.LightningModule):
         self.tokenizer = None
 
     # -- model -----------------------------------------------------------------------------------
-    def load_model(self, texts: Optional[Sequence[str]] = None) -> None:
-        if self.net is None:
-            self.net, self.tokenizer = load_model_and_tokenizer(self.model_spec, texts)
-
-    def attach(self, net: torch.nn.Module, tokenizer) -> None:
-        self.net, self.tokenizer = net, tokenizer
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return model_per_example_loss(self.net, batch)
-
     # -- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_spec, self.net.parameters())

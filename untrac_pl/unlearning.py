@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
 
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.errors import NonFiniteLossError
-from untrac_pl.losses import model_per_example_loss
-from untrac_pl.models import ModelSpec, load_model_and_tokenizer
+from untrac_pl.lm_base import CausalLMHolder
+from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec, build_optimizer
 
 
@@ -25,7 +24,7 @@ class Target:
     total: int = 1
 
 
-class UnTracModule(pl.LightningModule):
+class UnTracModule(CausalLMHolder):
     """Unlearns one target per ``fit`` by gradient ascent and scores an evaluation set in ``predict``.
 
     Ascent has exactly one negation: the module minimises ``-loss`` with an ordinary optimizer
@@ -58,15 +57,6 @@ class UnTracModule(pl.LightningModule):
         self.pass_parameters: Optional[list[dict]] = None
 
     # -- model -----------------------------------------------------------------------------------
-    def load_model(self, texts=None) -> None:
-        """Load (or build) the model and tokenizer from the spec; ``texts`` train a tokenizer if asked."""
-        if self.net is None:
-            self.net, self.tokenizer = load_model_and_tokenizer(self.model_spec, texts)
-
-    def attach(self, net: torch.nn.Module, tokenizer) -> None:
-        """Use an already-loaded model and tokenizer (Python API)."""
-        self.net, self.tokenizer = net, tokenizer
-
     keep_on_device = False
 
     def cpu(self):
@@ -78,17 +68,9 @@ class UnTracModule(pl.LightningModule):
         """
         return self if self.keep_on_device else super().cpu()
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return model_per_example_loss(self.net, batch)
-
     # -- unlearning ------------------------------------------------------------------------------
     def configure_optimizers(self):
         return build_optimizer(self.optimizer_spec, self.net.parameters())
-
-    def on_fit_start(self) -> None:
-        # Lightning >= 2.2 keeps the modules' train/eval flags in fit, and from_pretrained returns an
-        # eval-mode model: switch to train mode (dropout on) for the ascent, as the paper does.
-        self.net.train()
 
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
