@@ -7,6 +7,12 @@ losses once, restores θ0 in place, and scores in length-sorted batches. Both us
 optimizer, schedule and pre-tokenised examples, and the benchmark checks that the scores agree
 (max |Δ| <= 1e-5: batch-1 and padded-batch forwards differ only in float rounding).
 
+It also measures, in the same run, what the speed-up *can* be on this hardware: the per-example cost
+of a bare no-grad forward at batch 1 (the naive loop's pattern) and at the engine's length-sorted
+batch. With Q queries the naive loop runs 2·Q forwards per document and the engine Q + 1 batched
+ones, so ``attainable = (t_batch1 / t_batched) · 2Q / (Q + 1)`` (forward passes only; the ascent is
+the same on both sides). The engine's efficiency is ``ratio / attainable``.
+
     python benchmarks/bench_naive.py               # CPU defaults (~3 min on 2 busy cores)
     python benchmarks/bench_naive.py --device cuda --train 1024 --queries 8
 """
@@ -18,7 +24,7 @@ import copy
 import lightning.pytorch as pl
 import torch
 
-from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, write_result
+from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, sync, write_result
 
 
 def naive_scores(net, dm, schedule, optimizer_spec, targets, device: str) -> torch.Tensor:
@@ -54,6 +60,26 @@ def naive_scores(net, dm, schedule, optimizer_spec, targets, device: str) -> tor
                 scores[row, col] = float(model_per_example_loss(model, to(collate([ex])))[0]) - base[col]
         del model, optimizer
     return scores
+
+
+def forward_seconds_per_example(net, dm, batch_size: int, device: str) -> float:
+    """Bare no-grad forward + per-example loss over the corpus, in the engine's length-sorted batches."""
+    import time
+
+    from untrac_pl.data.collate import LengthSortedBatchSampler
+    from untrac_pl.losses import model_per_example_loss
+
+    examples, collate = dm.train_corpus.examples, dm.collator
+    sampler = LengthSortedBatchSampler([len(ex["input_ids"]) for ex in examples], batch_size)
+    batches = [{k: v.to(device) for k, v in collate([examples[i] for i in positions]).items()} for positions in sampler]
+    model = net.to(device).eval()
+    with torch.no_grad():
+        sync(device)
+        start = time.perf_counter()
+        for batch in batches:
+            model_per_example_loss(model, batch)
+        sync(device)
+    return (time.perf_counter() - start) / len(examples)
 
 
 def main(argv=None) -> dict:
@@ -108,24 +134,39 @@ def main(argv=None) -> dict:
             scores = naive_scores(net, dm, schedule, optimizer_spec, plan.targets, args.device)
         return watch.seconds, scores
 
-    engine_s, naive_s, diffs = [], [], []
-    for _ in range(args.repeats):  # interleaved, so load drift hits both sides alike
+    probe = AttributionDataModule.from_records(docs, queries, max_length=args.max_length, eval_batch_size=args.batch)
+    probe.tokenize(tokenizer)
+    engine_s, naive_s, diffs, batch1_s, batched_s = [], [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so load drift hits all sides alike
         seconds, engine_scores = engine()
         engine_s.append(seconds)
+        batch1_s.append(forward_seconds_per_example(net, probe, 1, args.device))
         seconds, reference = naive()
         naive_s.append(seconds)
+        batched_s.append(forward_seconds_per_example(net, probe, args.batch, args.device))
         diffs.append(float((engine_scores - reference).abs().max()))
     max_diff = max(diffs)
     assert max_diff <= 1e-5, f"engine and naive scores differ by {max_diff}"
     assert float(reference.abs().max()) > 1e-3, "the comparison would be vacuous"
+    batching_gain = median(batch1_s) / median(batched_s)
+    attainable = batching_gain * 2 * args.queries / (args.queries + 1)
+    ratio = median(naive_s) / median(engine_s)
     result = {
         "benchmark": "end-to-end: engine vs naive reference (deepcopy per query, θ0 per query, batch-1 loops)",
         "model": {"layers": args.layers, "width": args.width, "heads": args.heads, "vocab": len(tokenizer), "parameters": sum(p.numel() for p in net.parameters()), "dropout": args.dropout},
         "workload": {"train_documents": len(docs), "queries": args.queries, "ascent_steps": args.steps, "eval_batch": args.batch},
         "engine_s": {"median": median(engine_s), "all": engine_s},
         "naive_s": {"median": median(naive_s), "all": naive_s},
-        "ratio": median(naive_s) / median(engine_s),
+        "ratio": ratio,
         "goal": ">= 20",
+        "ceiling": {
+            "forward_ms_per_example_batch1": 1e3 * median(batch1_s),
+            f"forward_ms_per_example_batch{args.batch}": 1e3 * median(batched_s),
+            "batching_gain": batching_gain,
+            "theta0_caching_gain": 2 * args.queries / (args.queries + 1),
+            "attainable_ratio": attainable,
+            "engine_efficiency": ratio / attainable,
+        },
         "max_abs_score_difference": max_diff,
         "environment": environment(args.device),
     }

@@ -65,6 +65,11 @@ def table(results: dict, out: str = "benchmarks/results") -> str:
     if n:
         add("end-to-end speed-up vs naive reference", f"{n['ratio']:.1f}×", "≥ 20×", n["ratio"] >= 20,
             f"{n['workload']['queries']} queries × {n['workload']['train_documents']} docs, {n['model']['layers']}×{n['model']['width']} GPT-2; identical scores (max abs diff {n['max_abs_score_difference']:.1e})")
+        c = n.get("ceiling")
+        if c:
+            add("… attainable on this hardware (forward passes only)", f"{c['attainable_ratio']:.1f}×", "-", c["attainable_ratio"] >= 20,
+                f"batch-1 forward {c['batching_gain']:.1f}× slower per example than batch {n['workload']['eval_batch']}, × {c['theta0_caching_gain']:.2f} for θ0 cached; "
+                f"the engine reaches {100 * c['engine_efficiency']:.0f}% of it")
     o = results.get("overhead")
     if o:
         m = o["model"]

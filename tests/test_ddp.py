@@ -136,3 +136,42 @@ def test_merge_without_process_group_is_identity_and_single_device_is_not_distri
     assert not may_be_distributed({"accelerator": "cpu", "devices": 1})
     assert may_be_distributed({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
     assert may_be_distributed({"devices": 1, "num_nodes": 2})
+
+
+def test_a_resume_refused_by_rank_0_stops_every_rank_at_once(ddp_run, tmp_path):
+    """Rank 0 alone reads the resume state; when it refuses (θ0 losses changed behind an unchanged
+    configuration) every rank must stop with that reason instead of waiting on a collective."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from untrac_pl.resume import ResumeState
+
+    _, script = ddp_run
+    namespace: dict = {"__name__": "ddp_partial"}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    original, calls = ResumeState.record, {"n": 0}
+
+    def record_then_interrupt(self, *args, **kwargs):
+        path = original(self, *args, **kwargs)
+        calls["n"] += 1
+        raise KeyboardInterrupt  # one target persisted, then the run stops
+
+    ResumeState.record = record_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            namespace["run"](str(tmp_path), 1, 1, write=True)
+    finally:
+        ResumeState.record = original
+    base_file = tmp_path / "run-k1.partial" / "progress" / "base_losses.safetensors"
+    assert calls["n"] == 1 and base_file.exists()
+    with safe_open(str(base_file), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({"losses": load_file(str(base_file))["losses"] + 0.5}, str(base_file), metadata=metadata)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "the θ0 losses differ from those of the interrupted run" in proc.stderr  # rank 0
+    assert "rank 0 refused to resume" in proc.stderr, proc.stderr[-3000:]  # rank 1, told by rank 0
+    assert not (tmp_path / "run-k1").exists() and base_file.exists()  # nothing finished-looking, partial kept

@@ -351,32 +351,48 @@ class AttributionRunner:
         state = self.state
         finished: dict = {}
         base = computed
+        refusal: Optional[BaseException] = None
         if state is not None:
-            stored = state.base_losses()
-            if stored is not None and not torch.equal(stored, computed):
-                diff = float((stored - computed).abs().max())
-                if not torch.allclose(stored, computed, rtol=1e-4, atol=1e-5):
-                    raise ResumeConflictError(
-                        f"the θ0 losses differ from those of the interrupted run in '{state.run_dir}' (max |Δ| = {diff:.3g}): "
-                        "the model weights or numerics changed behind an unchanged configuration; set attribution.restart: true"
-                    )
-                log.warning("θ0 losses differ slightly (max |Δ| = %.3g) from the interrupted run's; keeping the stored ones", diff)
-            if stored is None:
-                state.save_base_losses(computed)
-            else:
-                base = stored
-            loaded = state.load_finished([t.id for t in plan.targets], len(plan.eval_corpus)) if state.resumed else {}
-            for target_id, (row, info) in loaded.items():
-                self.writer.set_row(target_id, row)
-                if info.get("failed"):
-                    self.writer.failed[target_id] = info["failed"]
-                finished[target_id] = info
-            if loaded:
-                log.info("resuming: %d of %d targets already finished", len(loaded), len(plan.targets))
-        base, finished_ids = broadcast_from_rank0(base, sorted(finished))
+            try:
+                base = self._reconcile_base_losses(state, computed)
+                finished = self._load_finished(state, plan)
+            except ResumeConflictError as exc:  # told to every rank below, so none waits on a collective
+                refusal = exc
+        base, (finished_ids, message) = broadcast_from_rank0(base, (sorted(finished), str(refusal) if refusal else None))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise ResumeConflictError(f"rank 0 refused to resume: {message}")
         self.target_info = dict(finished)
         self.num_resumed = len(finished_ids)
         return base, finished if state is not None else {i: {"optimizer_steps": 0} for i in finished_ids}
+
+    def _reconcile_base_losses(self, state: ResumeState, computed: torch.Tensor) -> torch.Tensor:
+        stored = state.base_losses()
+        if stored is None:
+            state.save_base_losses(computed)
+            return computed
+        if not torch.equal(stored, computed):
+            diff = float((stored - computed).abs().max())
+            if not torch.allclose(stored, computed, rtol=1e-4, atol=1e-5):
+                raise ResumeConflictError(
+                    f"the θ0 losses differ from those of the interrupted run in '{state.run_dir}' (max |Δ| = {diff:.3g}): "
+                    "the model weights or numerics changed behind an unchanged configuration; set attribution.restart: true"
+                )
+            log.warning("θ0 losses differ slightly (max |Δ| = %.3g) from the interrupted run's; keeping the stored ones", diff)
+        return stored
+
+    def _load_finished(self, state: ResumeState, plan: AttributionPlan) -> dict:
+        finished = {}
+        loaded = state.load_finished([t.id for t in plan.targets], len(plan.eval_corpus)) if state.resumed else {}
+        for target_id, (row, info) in loaded.items():
+            self.writer.set_row(target_id, row)
+            if info.get("failed"):
+                self.writer.failed[target_id] = info["failed"]
+            finished[target_id] = info
+        if loaded:
+            log.info("resuming: %d of %d targets already finished", len(loaded), len(plan.targets))
+        return finished
 
     def _finish_targets(self, chunk, chunk_steps: dict, schedule) -> None:
         """Record each target's outcome and persist it (atomic file + index line) at once."""
