@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 
 from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
 from untrac_pl.data.records import DataSource, read_records, records_from_list
@@ -117,6 +118,7 @@ def test_collator_pads_right_and_masks_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["index"].tolist() == [3, 1]
+    assert all(value.dtype == torch.long for value in batch.values())  # the embedding and cross_entropy need int64
 
 
 def test_ascent_plan_steps_epochs_and_accumulation():
