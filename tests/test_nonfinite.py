@@ -13,6 +13,7 @@ from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.optim import OptimizerSpec
+from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
 
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
@@ -78,7 +79,8 @@ class PoisonAfterAscent(Callback):
 
 
 def test_nan_scores_fail_one_target_and_the_next_starts_from_theta0(tmp_path, tiny_spec, quickstart):
-    train, queries = _records(quickstart)
+    train, _ = _records(quickstart)
+    queries = [quickstart["queries"][i] for i in (0, 4, 1)]  # the victim shares its group with query 0
     victim = queries[1]["id"]
     one_step = UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None)
     clean = _run(tiny_spec(), train, queries, schedule=one_step)
@@ -90,6 +92,40 @@ def test_nan_scores_fail_one_target_and_the_next_starts_from_theta0(tmp_path, ti
     assert torch.equal(scores[[0, 2]], clean.table.scores[[0, 2]])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["num_failed"] == 1 and summary["num_succeeded"] == 2
+    # group level: the failed query is left out of its own group's mean and nowhere else
+    group = result.table.group_level()
+    assert torch.isfinite(group.scores).all()
+    victim_group = queries[1]["group"]
+    kept = [i for i, q in enumerate(queries) if q["id"] != victim]
+    t = result.table
+    without_victim = ScoreTable(t.scores[kept], [t.row_ids[i] for i in kept], [t.row_groups[i] for i in kept], t.col_ids, t.col_groups, t.row_unit, t.col_unit, t.method).group_level()
+    for name in without_victim.row_ids:  # every group mean is what it would be without the failed query
+        assert torch.allclose(group.scores[group.row_ids.index(name)], without_victim.scores[without_victim.row_ids.index(name)], atol=1e-7, rtol=0)
+    rankings = json.loads((tmp_path / "out" / "rankings.json").read_text())
+    by_group = {g["query_group"]: g for g in rankings["query_groups"]}
+    assert by_group[victim_group]["excluded_failed"] == [victim] and by_group[victim_group]["top"]
+    assert all("excluded_failed" not in g for name, g in by_group.items() if name != victim_group)
+    assert "nan" not in (tmp_path / "out" / "group_scores.csv").read_text()
+
+
+def test_a_failed_untrac_group_is_a_nan_column_named_in_every_query_entry(tmp_path, tiny_spec, quickstart):
+    """UnTrac: targets are training groups, so a failed target is a column; it must not poison the
+    query-group means and each query's ranking says which group is missing."""
+    train, queries = _records(quickstart)
+    module = UnTracModule(model=tiny_spec(), optimizer=OptimizerSpec(lr=1e-3), unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
+    dm = AttributionDataModule.from_records(train, queries, max_length=40, eval_batch_size=8)
+    config = AttributionConfig(method="untrac", output_dir=str(tmp_path / "out"), overwrite=True)
+    result = run_attribution(module, dm, config, {**CPU, "callbacks": [PoisonAfterAscent("cooking")]}, write=True)
+    assert list(result.failed) == ["cooking"]
+    column = result.table.col_ids.index("cooking")
+    assert torch.isnan(result.table.scores[:, column]).all()
+    assert torch.isfinite(torch.cat([result.table.scores[:, :column], result.table.scores[:, column + 1 :]], 1)).all()
+    group = result.table.group_level()
+    assert torch.isnan(group.scores[:, column]).all() and torch.isfinite(group.scores[:, [c for c in range(group.scores.shape[1]) if c != column]]).all()
+    rankings = json.loads((tmp_path / "out" / "rankings.json").read_text())
+    for entry in rankings["queries"] + rankings["query_groups"]:
+        assert entry["excluded_failed"] == ["cooking"] and entry.get("failed", False) is False
+        assert entry["top"] and all(item["id"] != "cooking" for item in entry["top"])
 
 
 def test_max_loss_stops_the_ascent_early(tiny_spec, quickstart, tmp_path):

@@ -19,13 +19,24 @@ FORMAT_VERSION = "1"
 
 
 def _group_means(matrix: torch.Tensor, groups: list[str], dim: int) -> tuple[torch.Tensor, list[str]]:
+    """Means over the members of each group along ``dim``, over the finite members only.
+
+    A failed target is a NaN row or column; it is left out of its own group's mean (NaN only if every
+    member failed) and never leaks into other groups (a plain ``onehot @ matrix`` would spread it,
+    since 0 x NaN = NaN). Which members were left out is reported by the rankings.
+    """
     names = list(dict.fromkeys(groups))
     index = torch.tensor([names.index(g) for g in groups])
     onehot = torch.zeros(len(names), len(groups), dtype=matrix.dtype)
     onehot[index, torch.arange(len(groups))] = 1.0
-    onehot = onehot / onehot.sum(dim=1, keepdim=True)
-    out = onehot @ matrix if dim == 0 else matrix @ onehot.T
-    return out, names
+    finite = torch.isfinite(matrix)
+    values = torch.where(finite, matrix, torch.zeros((), dtype=matrix.dtype))
+    counts = finite.to(matrix.dtype)
+    if dim == 0:
+        out = (onehot @ values) / (onehot @ counts)
+    else:
+        out = (values @ onehot.T) / (counts @ onehot.T)
+    return out, names  # 0 / 0 = NaN where a whole group failed
 
 
 @dataclass
@@ -46,7 +57,8 @@ class ScoreTable:
             raise ValueError(f"score matrix {tuple(self.scores.shape)} does not match {len(self.row_ids)} rows x {len(self.col_ids)} cols")
 
     def group_level(self) -> "ScoreTable":
-        """Mean over the examples of each row group and column group (exact for loss differences)."""
+        """Mean over the examples of each row group and column group (exact for loss differences);
+        failed (NaN) members are left out of their group's mean."""
         matrix = self.scores.double()
         if self.col_unit == "example":
             matrix, cols = _group_means(matrix, self.col_groups, dim=1)

@@ -131,18 +131,29 @@ class RankingWriter(BasePredictionWriter):
         plan = self.plan
         row_texts = plan.row_texts()
         col_texts = plan.col_texts()
+        # A failed target is a NaN row (UnTrac-Inv: a query) or a NaN column (UnTrac: a training
+        # unit); either way it is named where it is missing, never silently dropped.
+        failed_rows = {i for i in table.row_ids if i in self.failed} if plan.targets_are_rows else set()
+        failed_cols = [i for i in table.col_ids if i in self.failed] if not plan.targets_are_rows else []
         queries = []
         for row in range(len(table.row_ids)):
             entry = {"query_id": table.row_ids[row], "query_group": table.row_groups[row]}
             if row_texts is not None:
                 entry["query_text"] = self._snippet(row_texts[row])
-            entry["failed"] = table.row_ids[row] in self.failed
+            entry["failed"] = table.row_ids[row] in failed_rows
+            if failed_cols:
+                entry["excluded_failed"] = list(failed_cols)
             entry["top"] = self._rank(table, row, col_texts)
             queries.append(entry)
         group = table.group_level()
-        group_rankings = [
-            {"query_group": group.row_ids[r], "top": self._rank(group, r, None)} for r in range(len(group.row_ids))
-        ]
+        group_rankings = []
+        for r, name in enumerate(group.row_ids):
+            entry = {"query_group": name}
+            excluded = [i for i, g in zip(table.row_ids, table.row_groups) if g == name and i in failed_rows] + failed_cols
+            if excluded:
+                entry["excluded_failed"] = excluded  # left out of this group's mean / ranking
+            entry["top"] = self._rank(group, r, None)
+            group_rankings.append(entry)
         return {
             "method": table.method,
             "row_unit": table.row_unit,
