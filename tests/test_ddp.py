@@ -1,5 +1,7 @@
-"""DDP: two CPU processes (gloo) score shards of the evaluation set; the merged scores equal a
-single process's, and every rank unlearns every target identically.
+"""DDP: three CPU processes (gloo) score shards of the evaluation set; the merged scores equal a
+single process's bit for bit, and every rank unlearns every target identically. Three, not two: a
+world size that is not a power of two is where averaging identical gradients is inexact, which the
+rank-0 gradient hook (untrac_pl.distributed.take_rank0_gradient) avoids.
 
 The DDP run happens in a subprocess (Lightning's launcher re-runs that script as rank 1), once with
 one target per pass and once with ``targets_per_pass: 2``; the single-process reference runs here.
@@ -92,31 +94,32 @@ def ddp_run(tmp_path_factory):
     script.write_text(SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(script), str(out), "2"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(out), "3"], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, script
 
 
 def test_sharded_scores_merge_to_the_single_process_result(ddp_run):
     out, script = ddp_run
-    rank0, rank1 = _load(out / "rank0-of-2.json"), _load(out / "rank1-of-2.json")
+    ranks = [_load(out / f"rank{r}-of-3.json") for r in range(3)]
     namespace: dict = {"__name__": "ddp_reference"}
     exec(compile(script.read_text(), str(script), "exec"), namespace)
     single = [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
     for k_index in range(2):
-        a, b, ref = rank0[k_index], rank1[k_index], single[k_index]
-        # unlearning is deterministic on every rank, and equal to one process's (2-rank all-reduce is exact)
-        assert a["sums"] == b["sums"] == ref["sums"] and len(a["sums"]) == 3
-        # merged scores, on both ranks, equal the single-process scores
-        for scores in (a["scores"], b["scores"]):
-            assert torch.allclose(torch.tensor(scores), torch.tensor(ref["scores"]), atol=1e-6, rtol=0)
-        assert a["row_ids"] == ref["row_ids"]
+        ref = single[k_index]
+        for report in ranks:
+            # unlearning is deterministic on every rank and bit-identical to one process's
+            assert report[k_index]["sums"] == ref["sums"] and len(ref["sums"]) == 3
+            # merged scores, on every rank, equal the single-process scores exactly (goal: 1e-6)
+            assert torch.equal(torch.tensor(report[k_index]["scores"]), torch.tensor(ref["scores"]))
+            assert report[k_index]["row_ids"] == ref["row_ids"]
+    rank0 = ranks[0]
     # k=2 under DDP equals k=1 under DDP too
     assert torch.allclose(torch.tensor(rank0[1]["scores"]), torch.tensor(rank0[0]["scores"]), atol=1e-6, rtol=0)
     # only rank 0 wrote the run directory
-    assert rank0[0]["output_dir"] and rank1[0]["output_dir"] is None
+    assert rank0[0]["output_dir"] and ranks[1][0]["output_dir"] is None and ranks[2][0]["output_dir"] is None
     summary = json.loads((Path(rank0[0]["output_dir"]) / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["completed"]
+    assert summary["world_size"] == 3 and summary["completed"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("run-")) == ["run-k1", "run-k2"]
 
 

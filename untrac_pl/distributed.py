@@ -6,6 +6,12 @@ evaluation pass is split by whole batches: rank ``r`` scores batches ``r, r+N, r
 length-sorted batch list, so each example sits in exactly the batch it would have in one process and
 its loss is computed identically. Ranks left without a batch repeat batch 0; the merge keeps, for
 each evaluation index, the value of the lowest rank that has one, so repeats are dropped by index.
+
+The ascent is replicated, not data-parallel: every rank computes the same full gradient. DDP would
+average N identical gradients, which is exact only when N is a power of two (g/3 + g/3 + g/3 != g in
+float32), so the unlearned weights would drift from a single process's by a few ulps per step. The
+unlearning module therefore registers :func:`take_rank0_gradient` as the DDP communication hook:
+every rank receives rank 0's gradient bit for bit, for any N, and ranks can never drift apart.
 """
 from __future__ import annotations
 
@@ -13,6 +19,24 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+
+def _broadcast_bucket_from_rank0(state, bucket):  # no annotations: DDP checks them literally
+    work = torch.distributed.broadcast(bucket.buffer(), src=0, group=state, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def take_rank0_gradient(model: torch.nn.Module) -> bool:
+    """Make a DDP-wrapped ``model`` use rank 0's gradient instead of the average (see module doc).
+
+    Returns whether a hook was registered (False for an unwrapped model: nothing to synchronise).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return False
+    model.register_comm_hook(state=None, hook=_broadcast_bucket_from_rank0)
+    return True
 
 
 def dist_ready() -> bool:

@@ -69,6 +69,13 @@ class UnTracModule(CausalLMHolder):
         return self if self.keep_on_device else super().cpu()
 
     # -- unlearning ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        from untrac_pl.distributed import take_rank0_gradient
+
+        # every rank computes the same gradient: take rank 0's bit for bit instead of averaging
+        take_rank0_gradient(self.trainer.strategy.model)
+
     def configure_optimizers(self):
         return build_optimizer(self.optimizer_spec, self.net.parameters())
 
