@@ -61,6 +61,8 @@ def test_config_has_the_seed_fields_and_defaults_plus_the_paper_fields():
         UnTracConfig(optimizer="sgdd")
     with pytest.raises(ValueError, match="cast the model in place"):
         UnTracConfig(precision="bf16-true")
+    for alias in (16, "16", "bf16"):  # Lightning's aliases of 16-mixed / bf16-mixed: autocast, accepted
+        UnTracConfig(precision=alias)
 
 
 def test_estimator_scores_ascent_sign_and_leaves_theta0_bit_exact(saved_model_dir):

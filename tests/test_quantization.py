@@ -126,6 +126,8 @@ def test_option_validation_and_unsupported_combinations(tiny_spec):
     quant = tiny_spec(quantization={"bits": 4, "device": "cpu"})
     with pytest.raises(ScaleConfigError, match="casts the whole module"):
         check_scale_options(quant, {"precision": "bf16-true", "accelerator": "cpu"})
+    for alias in ("bf16", 32, "32"):  # Lightning's aliases of bf16-mixed / 32-true: autocast, allowed
+        check_scale_options(quant, {"precision": alias, "accelerator": "cpu"})
     with pytest.raises(ScaleConfigError, match="only be unlearned through LoRA"):
         check_scale_options(tiny_spec(quantization={"bits": 8, "device": "cpu"}, lora={"enabled": False}), {"accelerator": "cpu"})
     with pytest.raises(ScaleConfigError, match="quantise on the GPU"):

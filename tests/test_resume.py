@@ -212,3 +212,5 @@ def test_fingerprint_ignores_presentation_options(tiny_spec, quickstart, tmp_pat
     assert digest(base) == digest(same) == digest(base, dict(CPU, logger=True, enable_progress_bar=True, devices=2))
     assert digest(base) != digest(AttributionConfig(seed=1))
     assert digest(base) != digest(base, dict(CPU, precision="bf16-true"))
+    assert digest(base, dict(CPU, precision=16)) == digest(base, dict(CPU, precision="16-mixed"))  # one precision, two names
+    assert digest(base, dict(CPU, precision="32")) == digest(base)

@@ -45,6 +45,7 @@ from untrac_pl.engine import AttributionConfig, AttributionResult, run_attributi
 from untrac_pl.errors import ModelLoadError
 from untrac_pl.models import ModelSpec, load_model_and_tokenizer
 from untrac_pl.optim import OptimizerName, OptimizerSpec
+from untrac_pl.quantization import CASTING_PRECISIONS, canonical_precision
 from untrac_pl.unlearning import UnTracModule
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ __all__ = [
     "count_parameters",
 ]
 
-CASTING_PRECISIONS = {"16-true", "bf16-true", "16", "bf16", "half", "64-true", "64", "transformer-engine", "transformer-engine-float16"}
 TRAIN_GROUP = "training_texts"
 TEST_GROUP = "test"
 
@@ -125,7 +125,7 @@ class UnTracConfig:
         if self.optimizer not in get_args(OptimizerName):
             raise ValueError(f"UnTracConfig.optimizer: unknown optimizer {self.optimizer!r} (one of {', '.join(get_args(OptimizerName))})")
         OptimizerSpec(name=self.optimizer, lr=self.unlearning_rate)  # validates lr
-        if str(self.precision) in CASTING_PRECISIONS:
+        if canonical_precision(self.precision) in CASTING_PRECISIONS:
             raise ValueError(
                 f"UnTracConfig.precision={self.precision!r} makes Lightning cast the model in place, so the estimator's "
                 "model would not stay at θ0; use '32-true', 'bf16-mixed' or '16-mixed' (or load a bf16/fp16 model)"

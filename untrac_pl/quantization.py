@@ -39,8 +39,16 @@ log = logging.getLogger(__name__)
 QUANT_KEYS = {"bits", "quant_type", "double_quant", "compute_dtype", "skip_modules", "llm_int8_threshold", "device"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "enabled"}
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", "bias": "none"}
-# precisions that cast the whole module to a low-precision dtype (not autocast)
-TRUE_LOW_PRECISIONS = {"16-true", "bf16-true", "16", "bf16", "half", "64-true", "64", "transformer-engine", "transformer-engine-float16"}
+# precisions that cast the whole module to another dtype (not autocast), in Lightning's canonical names
+CASTING_PRECISIONS = {"16-true", "bf16-true", "64-true", "transformer-engine", "transformer-engine-float16"}
+# Lightning 2.x's legacy aliases (lightning.fabric.plugins.precision.precision): "16" is 16-mixed, not 16-true
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def canonical_precision(precision: Any) -> str:
+    """Lightning's canonical name of a ``trainer.precision`` value (``16`` or ``"16"`` -> ``"16-mixed"``)."""
+    text = str(precision if precision is not None else "32-true")
+    return PRECISION_ALIASES.get(text, text)
 
 
 class ScaleConfigError(UnTracError, ValueError):
@@ -201,23 +209,19 @@ def attach_lora(model: torch.nn.Module, lora: Optional[Mapping] = None, seed: in
     return wrapped
 
 
-def _precision_name(precision: Any) -> str:
-    return str(precision if precision is not None else "32-true")
-
-
 def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, targets_per_pass: int = 1) -> None:
     """Refuse combinations that cannot work, with a message that says what to change.
 
     Called by the engine before any output exists.
     """
     trainer_kwargs = dict(trainer_kwargs or {})
-    precision = _precision_name(trainer_kwargs.get("precision"))
+    precision = canonical_precision(trainer_kwargs.get("precision"))
     if targets_per_pass < 1:
         raise ScaleConfigError(f"attribution.targets_per_pass must be >= 1, got {targets_per_pass}")
     quant = getattr(model_spec, "quantization", None)
     if quant:
         q = normalize_quantization(quant)
-        if precision in TRUE_LOW_PRECISIONS:
+        if precision in CASTING_PRECISIONS:
             raise ScaleConfigError(
                 f"trainer.precision={precision} casts the whole module, which bitsandbytes weights do not allow; "
                 "use 32-true, bf16-mixed or 16-mixed (set the 4-bit matmul dtype with model.quantization.compute_dtype)"
@@ -243,5 +247,5 @@ def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, ta
             "and keeps the full trainable weights on every rank; use strategy: ddp (Lightning's launcher, torchrun or SLURM)"
         )
     accelerator = str(trainer_kwargs.get("accelerator", "auto"))
-    if precision in ("16-mixed", "16") and accelerator == "cpu":
+    if precision == "16-mixed" and accelerator == "cpu":
         warnings.warn("precision 16-mixed is GPU-only; Lightning uses bf16-mixed on CPU (recorded in the run's metadata)", stacklevel=2)

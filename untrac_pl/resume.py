@@ -80,7 +80,9 @@ def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[d
     """Everything that affects the scores of a run, as plain JSON (see the module docstring)."""
     trainer_kwargs = dict(trainer_kwargs or {})
     trainer = {k: _plain(trainer_kwargs[k]) for k in SCORE_TRAINER_KEYS if trainer_kwargs.get(k) is not None}
-    trainer["precision"] = str(trainer_kwargs.get("precision") or "32-true")
+    from untrac_pl.quantization import canonical_precision
+
+    trainer["precision"] = canonical_precision(trainer_kwargs.get("precision"))  # "16" and "16-mixed" are one run
     return {
         "format": FORMAT,
         "method": plan.method,
