@@ -395,6 +395,15 @@ def test_c37_non_finite_theta0_losses(tmp_path, tiny_tokenizer):
 def test_c40_unsafe_loading_through_extra_kwargs(tmp_path, saved_model_dir, extra, message):
     _expect(tmp_path, ModelLoadError, message, spec=ModelSpec(name_or_path=str(saved_model_dir), extra_kwargs=extra))
 
+@pytest.mark.parametrize("option", ["--trainer.max_epochs=3", "--trainer.max_steps=2", "--trainer.limit_predict_batches=0.5"])
+def test_c41_trainer_options_that_would_change_the_ascent_plan(tmp_path, capsys, option):
+    out = tmp_path / "out"
+    rc, err = _cli([option, f"--attribution.output_dir={out}"], capsys)
+    key, value = option[len("--trainer."):].split("=")
+    assert rc == 2 and f"trainer.{key}={value}" in err and "model.unlearning.num_steps" in err
+    assert_no_complete_output(out)
+
+
 # -- the catalogue itself ---------------------------------------------------------------------------------
 
 

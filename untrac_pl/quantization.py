@@ -45,6 +45,14 @@ CASTING_PRECISIONS = {"16-true", "bf16-true", "64-true", "transformer-engine", "
 PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
+# Trainer options that would replay, cut or extend a target's planned ascent (or cut the scoring pass),
+# with the values that leave the plan alone (LightningCLI passes max_steps=-1 explicitly)
+PLAN_TRAINER_OPTIONS: dict[str, tuple] = {
+    "max_epochs": (1,), "min_epochs": (0, 1), "max_steps": (-1,), "min_steps": (0,),
+    "limit_train_batches": (1.0,), "limit_predict_batches": (1.0,),
+}
+
+
 def canonical_precision(precision: Any) -> str:
     """Lightning's canonical name of a ``trainer.precision`` value (``16`` or ``"16"`` -> ``"16-mixed"``)."""
     text = str(precision if precision is not None else "32-true")
@@ -216,6 +224,15 @@ def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, ta
     """
     trainer_kwargs = dict(trainer_kwargs or {})
     precision = canonical_precision(trainer_kwargs.get("precision"))
+    for key, neutral in PLAN_TRAINER_OPTIONS.items():
+        value = trainer_kwargs.get(key)
+        if value is not None and value not in neutral:
+            raise ScaleConfigError(
+                f"trainer.{key}={value!r} would change the planned ascent or scoring pass (the engine builds each "
+                "target's exact micro-batch plan and scores every example); set the unlearning length with "
+                "model.unlearning.num_steps / num_epochs / batch_size (and max_loss to stop early) and leave "
+                f"trainer.{key} unset"
+            )
     if targets_per_pass < 1:
         raise ScaleConfigError(f"attribution.targets_per_pass must be >= 1, got {targets_per_pass}")
     quant = getattr(model_spec, "quantization", None)
