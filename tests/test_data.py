@@ -121,6 +121,20 @@ def test_collator_pads_right_and_masks_labels():
     assert all(value.dtype == torch.long for value in batch.values())  # the embedding and cross_entropy need int64
 
 
+def test_num_steps_plans_never_repeat_an_example_within_a_step_and_cover_every_epoch():
+    """Brute force: a step that straddles two epochs (3 examples, batch 2: [a, b] then [c, ?]) must
+    not take c twice; and the stream of steps, cut into epochs, is a permutation per epoch."""
+    for n in range(1, 8):
+        for batch in range(1, n + 1):
+            for seed in range(4):
+                plan = plan_micro_batches(n, UnlearningSchedule(num_steps=11, num_epochs=None, batch_size=batch), seed=seed)
+                steps = [e["positions"] for e in plan]
+                assert len(steps) == 11 and all(len(step) == batch == len(set(step)) for step in steps), (n, batch, seed, steps)
+                stream = [p for step in steps for p in step]
+                for start in range(0, len(stream) - n + 1, n):
+                    assert sorted(stream[start : start + n]) == list(range(n)), (n, batch, seed, stream)
+
+
 def test_ascent_plan_steps_epochs_and_accumulation():
     epochs = plan_micro_batches(5, UnlearningSchedule(num_epochs=2, batch_size=2), seed=0)
     assert num_optimizer_steps(epochs) == 6 and sorted(p for e in epochs[:3] for p in e["positions"]) == list(range(5))

@@ -68,7 +68,12 @@ def plan_micro_batches(num_examples: int, schedule: UnlearningSchedule, seed: in
         stream: list[int] = []
         while len(steps) < schedule.num_steps:
             if len(stream) < batch:
-                stream.extend(epoch_order())
+                # the batch straddles two epochs: complete it with next-epoch examples it does not
+                # already hold (each epoch stays a permutation; no example twice in one step)
+                upcoming, held = epoch_order(), set(stream)
+                fill = [i for i in upcoming if i not in held][: batch - len(stream)]
+                taken = set(fill)
+                stream = stream + fill + [i for i in upcoming if i not in taken]
             steps.append(stream[:batch])
             stream = stream[batch:]
     plan = []
