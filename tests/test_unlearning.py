@@ -147,6 +147,26 @@ def test_untrac_unlearns_each_training_group(tiny_spec, quickstart):
         assert group.col_ids[int(group.scores[row].argmax())] == name
 
 
+def test_untrac_warns_when_groups_get_unequal_step_counts(tiny_spec, quickstart, caplog):
+    from untrac_pl.engine import AttributionRunner
+
+    train = _small_corpus(quickstart, per_group=4)[:-1]  # "insults" keeps 3 examples: 3 steps, others 4
+    per_epoch = UnlearningSchedule(num_epochs=1, batch_size=1)
+    fixed = UnlearningSchedule(num_steps=4, num_epochs=None, batch_size=1)
+
+    def warnings_for(schedule):
+        caplog.clear()
+        module = UnTracModule(model=tiny_spec(), unlearning=schedule)
+        dm = AttributionDataModule.from_records(train, quickstart["queries"], max_length=48)
+        with caplog.at_level("WARNING", logger="untrac_pl.engine"):
+            AttributionRunner(module, dm, AttributionConfig(method="untrac"), CPU).prepare()
+        return [r.getMessage() for r in caplog.records if "unequal ascent step counts" in r.getMessage()]
+
+    (message,) = warnings_for(per_epoch)
+    assert "insults: 3" in message and ": 4" in message and "samples_per_group" in message
+    assert warnings_for(fixed) == []  # a fixed step count is equal whatever the group sizes
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "sgd_momentum", "rmsprop", "adafactor", "adam8bit"])
 def test_every_optimizer_ascends(tiny_spec, quickstart, name):
     train = _small_corpus(quickstart, per_group=2)

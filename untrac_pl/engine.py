@@ -188,7 +188,23 @@ class AttributionRunner:
         self.module.load_model(self.datamodule.all_texts())
         self._clamp_max_length()
         self.datamodule.tokenize(self.module.tokenizer)
-        return build_plan(self.config, self.datamodule)
+        plan = build_plan(self.config, self.datamodule)
+        self._warn_unequal_steps(plan)
+        return plan
+
+    def _warn_unequal_steps(self, plan: AttributionPlan) -> None:
+        """UnTrac's scores grow with the number of ascent steps (the ascent is unbounded), so groups
+        unlearned for different step counts are ranked largely by step count (paper, Table 3)."""
+        if plan.method != "untrac" or len(plan.targets) < 2:
+            return
+        schedule = self.module.schedule
+        steps = {t.id: num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
+        low, high = min(steps, key=steps.get), max(steps, key=steps.get)
+        if steps[low] != steps[high]:
+            log.warning(
+                "UnTrac: training groups get unequal ascent step counts (%s: %d ... %s: %d); their scores then "
+                "mostly reflect step counts. Equalise with data.samples_per_group (every group at least that large) "
+                "or a fixed model.unlearning.num_steps", low, steps[low], high, steps[high])
 
     def _clamp_max_length(self) -> None:
         """A ``max_length`` beyond the model's context is clamped to it, with a warning.
