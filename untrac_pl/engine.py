@@ -282,8 +282,10 @@ class AttributionRunner:
         finally:
             self.module.keep_on_device = False
         if staged:
-            self.state.close()
-            result.output_dir = staged.commit()
+            try:  # rename while still holding the lock, so no second run can open the half-renamed .partial
+                result.output_dir = staged.commit()
+            finally:
+                self.state.close()
             ResumeState.cleanup(result.output_dir)
         return result
 

@@ -25,8 +25,10 @@ the score-relevant Trainer settings (precision, step limits). It leaves out what
 paths, top_k, snippet length, logging, progress bars, number of devices). θ0 losses are stored too
 and compared on resume, which catches a changed checkpoint behind an unchanged path.
 
-DDP: only rank 0 writes ``manifest.json`` and takes the lock; any rank may write target files
-(distinct targets, atomic files) and appends to its own ``completed.rank<r>.jsonl``.
+DDP: the engine opens the resume state on rank 0 only (it takes the lock and writes the manifest,
+the target files and ``completed.jsonl``); the other ranks receive the finished targets and the θ0
+baseline by broadcast. (The ``rank`` argument and ``completed.rank<r>.jsonl`` exist for a caller that
+opens a state per rank; the engine does not.)
 """
 from __future__ import annotations
 
