@@ -167,6 +167,20 @@ def test_untrac_warns_when_groups_get_unequal_step_counts(tiny_spec, quickstart,
     assert warnings_for(fixed) == []  # a fixed step count is equal whatever the group sizes
 
 
+def test_one_step_untrac_inv_is_flagged_as_the_gradcos_regime(tiny_spec, quickstart, caplog):
+    from untrac_pl.engine import AttributionRunner
+
+    def messages(schedule):
+        caplog.clear()
+        dm = AttributionDataModule.from_records(_small_corpus(quickstart, 2), quickstart["queries"][:2], max_length=48)
+        with caplog.at_level("WARNING", logger="untrac_pl.engine"):
+            AttributionRunner(UnTracModule(model=tiny_spec(), unlearning=schedule), dm, AttributionConfig(), CPU).prepare()
+        return [r.getMessage() for r in caplog.records if "GradCos" in r.getMessage()]
+
+    assert len(messages(UnlearningSchedule())) == 1  # the module's default schedule: one epoch at batch 1 = 1 step per query
+    assert messages(UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None)) == []
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "sgd_momentum", "rmsprop", "adafactor", "adam8bit"])
 def test_every_optimizer_ascends(tiny_spec, quickstart, name):
     train = _small_corpus(quickstart, per_group=2)

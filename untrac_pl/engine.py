@@ -194,10 +194,19 @@ class AttributionRunner:
 
     def _warn_unequal_steps(self, plan: AttributionPlan) -> None:
         """UnTrac's scores grow with the number of ascent steps (the ascent is unbounded), so groups
-        unlearned for different step counts are ranked largely by step count (paper, Table 3)."""
+        unlearned for different step counts are ranked largely by step count (paper, Table 3).
+        UnTrac-Inv with one step per target is, to first order, GradCos (Adam) or GradDot (SGD)."""
+        schedule = self.module.schedule
+        if plan.method == "untrac_inv":
+            steps = {num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
+            if steps == {1}:
+                log.warning(
+                    "UnTrac-Inv with a single optimizer step per target is, to first order, GradCos (Adam) or "
+                    "GradDot (SGD); the paper unlearns each target in one batch for 5 steps: "
+                    "model.unlearning: {num_steps: 5, num_epochs: null, batch_size: null}")
+            return
         if plan.method != "untrac" or len(plan.targets) < 2:
             return
-        schedule = self.module.schedule
         steps = {t.id: num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
         low, high = min(steps, key=steps.get), max(steps, key=steps.get)
         if steps[low] != steps[high]:
