@@ -35,7 +35,15 @@ def take_rank0_gradient(model: torch.nn.Module) -> bool:
 
     if not isinstance(model, DistributedDataParallel):
         return False
-    model.register_comm_hook(state=None, hook=_broadcast_bucket_from_rank0)
+    try:
+        model.register_comm_hook(state=None, hook=_broadcast_bucket_from_rank0)
+    except RuntimeError as exc:  # the user's DDPStrategy(ddp_comm_hook=...) came first: keep it
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "keeping the DDP communication hook already registered (%s); gradients are then combined by it, "
+            "which for an average is exact only when the world size is a power of two", exc)
+        return False
     return True
 
 
