@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from untrac_pl.data.tokenize import tokenize_records
-from untrac_pl.lm import CausalLMModule, example_losses
+from untrac_pl.lm import CausalLMModule, example_losses, lr_factor
 from untrac_pl.models import ModelSpec, load_model_and_tokenizer
 from untrac_pl.training import FitSpec, MixtureBatchSampler, block_records, fit_lm, load_weights, mixture_dataloader, read_checkpoints
 
@@ -94,7 +94,31 @@ def test_fit_cli_trains_and_saves(tmp_path, capsys):
     assert (out / "model" / "config.json").exists() and (out / "checkpoints" / "step-4" / "model.safetensors").exists()
     summary = json.loads((out / "fit_summary.json").read_text())
     assert summary["steps"] == 4 and set(summary["train_loss_per_group"]) == {"task1", "task2", "task3", "task4"}
+    # the final checkpoint records the lr its last step used (TracIn's weight), like the step checkpoints
+    final = json.loads((out / "final" / "checkpoint.json").read_text())
+    step4 = json.loads((out / "checkpoints" / "step-4" / "checkpoint.json").read_text())
+    assert final["step"] == 4 and final["lr"] == step4["lr"]
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--print_config"])
     assert exc.value.code == 0
     assert "max_steps" in capsys.readouterr().out
+
+
+def test_fit_cli_records_the_last_steps_decayed_lr_and_refuses_trainer_max_steps(tmp_path, capsys):
+    from untrac_pl.cli import main
+
+    out = tmp_path / "fit"
+    argv = ["fit", "--data.embedded", "synthetic_A", "--data.embedded_size", "8", "--data.max_length", "48",
+            "--model.model.config", json.dumps(tiny_gpt2_config(0.0)), "--model.model.train_tokenizer_vocab", "300",
+            "--model.lr_schedule", "linear", "--model.optimizer.lr", "1e-3",
+            "--fit.max_steps", "4", "--fit.batch_size", "2", "--output.output_dir", str(out),
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    assert main(argv) == 0
+    final = json.loads((out / "final" / "checkpoint.json").read_text())
+    assert final["step"] == 4 and final["lr"] == pytest.approx(1e-3 * lr_factor(3, "linear", 0, 4))  # not the base 1e-3
+    assert final["lr"] < 1e-3
+    capsys.readouterr()
+    other = [a if a != str(out) else str(tmp_path / "other") for a in argv]
+    assert main(other + ["--trainer.max_steps", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_steps=2000" in err and "fit.max_steps" in err and not (tmp_path / "other" / "model").exists()

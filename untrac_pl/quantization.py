@@ -53,6 +53,14 @@ PLAN_TRAINER_OPTIONS: dict[str, tuple] = {
 }
 
 
+def refuse_plan_trainer_options(trainer_kwargs: Mapping, why: str) -> None:
+    """Raise if a Trainer option in :data:`PLAN_TRAINER_OPTIONS` is set to anything but a neutral value."""
+    for key, neutral in PLAN_TRAINER_OPTIONS.items():
+        value = trainer_kwargs.get(key)
+        if value is not None and value not in neutral:
+            raise ScaleConfigError(f"trainer.{key}={value!r} {why}; leave trainer.{key} unset")
+
+
 def canonical_precision(precision: Any) -> str:
     """Lightning's canonical name of a ``trainer.precision`` value (``16`` or ``"16"`` -> ``"16-mixed"``)."""
     text = str(precision if precision is not None else "32-true")
@@ -224,15 +232,10 @@ def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, ta
     """
     trainer_kwargs = dict(trainer_kwargs or {})
     precision = canonical_precision(trainer_kwargs.get("precision"))
-    for key, neutral in PLAN_TRAINER_OPTIONS.items():
-        value = trainer_kwargs.get(key)
-        if value is not None and value not in neutral:
-            raise ScaleConfigError(
-                f"trainer.{key}={value!r} would change the planned ascent or scoring pass (the engine builds each "
-                "target's exact micro-batch plan and scores every example); set the unlearning length with "
-                "model.unlearning.num_steps / num_epochs / batch_size (and max_loss to stop early) and leave "
-                f"trainer.{key} unset"
-            )
+    refuse_plan_trainer_options(
+        trainer_kwargs, "would change the planned ascent or scoring pass (the engine builds each target's exact "
+        "micro-batch plan and scores every example); set the unlearning length with model.unlearning.num_steps / "
+        "num_epochs / batch_size (and max_loss to stop early)")
     if targets_per_pass < 1:
         raise ScaleConfigError(f"attribution.targets_per_pass must be >= 1, got {targets_per_pass}")
     quant = getattr(model_spec, "quantization", None)

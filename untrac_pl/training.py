@@ -99,7 +99,18 @@ def load_weights(net: torch.nn.Module, path: Path) -> None:
     load_model(net, str(path))
 
 
-class StepCheckpoint(pl.Callback):
+class LearningRateInForce(pl.Callback):
+    """The learning rate of the optimizer step being taken (after ``fit``: the last step's), which
+    TracIn weights a checkpoint by; the scheduler has already moved on once the step is done."""
+
+    def __init__(self):
+        self.lr: Optional[float] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class StepCheckpoint(LearningRateInForce):
     """Saves ``<dirpath>/step-<N>/model.safetensors`` and ``checkpoint.json`` at the given global steps.
 
     ``checkpoint.json``: ``{"step", "lr", "seed", "excluded_groups"}``; ``<dirpath>/checkpoints.json``
@@ -111,19 +122,16 @@ class StepCheckpoint(pl.Callback):
         self.steps = sorted(set(int(s) for s in steps))
         self.seed, self.excluded = seed, list(excluded)
         self.saved: list[dict] = []
-        self._lr_used: Optional[float] = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._lr_used = float(trainer.optimizers[0].param_groups[0]["lr"])
+        super().__init__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step in self.steps and not any(s["step"] == step for s in self.saved):
             folder = self.dirpath / f"step-{step}"
             weights = save_weights(pl_module.net, folder / "model.safetensors")
-            info = {"step": step, "lr": self._lr_used, "seed": self.seed, "excluded_groups": self.excluded}
+            info = {"step": step, "lr": self.lr, "seed": self.seed, "excluded_groups": self.excluded}
             write_json_atomic(folder / "checkpoint.json", info)
-            self.saved.append({"path": str(weights), "step": step, "lr": self._lr_used})
+            self.saved.append({"path": str(weights), "step": step, "lr": self.lr})
             write_json_atomic(self.dirpath / "checkpoints.json", self.saved)
 
 
@@ -140,10 +148,14 @@ def fit_lm(
 
     from untrac_pl.engine import _quiet_lightning
 
+    from untrac_pl.quantization import refuse_plan_trainer_options
+
+    refuse_plan_trainer_options(trainer_kwargs or {}, f"would change the training length, which is fit.max_steps ({spec.max_steps} steps of fit.batch_size examples)")
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     module.max_steps = spec.max_steps
     loader = mixture_dataloader(corpus, spec, module.tokenizer.pad_token_id)
-    callbacks = list((trainer_kwargs or {}).get("callbacks") or [])
+    last_lr = LearningRateInForce()
+    callbacks = list((trainer_kwargs or {}).get("callbacks") or []) + [last_lr]
     ckpt = None
     if checkpoint_dir is not None and spec.checkpoint_steps:
         ckpt = StepCheckpoint(checkpoint_dir, spec.checkpoint_steps, spec.seed, spec.exclude_groups)
@@ -153,7 +165,7 @@ def fit_lm(
     kwargs.setdefault("enable_model_summary", False)
     kwargs.setdefault("enable_progress_bar", False)
     kwargs.setdefault("num_sanity_val_steps", 0)
-    kwargs["log_every_n_steps"] = spec.log_every_n_steps
+    kwargs.setdefault("log_every_n_steps", spec.log_every_n_steps)  # an explicit trainer.log_every_n_steps wins
     trainer = pl.Trainer(max_steps=spec.max_steps, max_epochs=1, logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
     started = time.perf_counter()
     with warnings.catch_warnings(), _quiet_lightning():
@@ -169,6 +181,7 @@ def fit_lm(
         "excluded_groups": list(spec.exclude_groups),
         "final_train_loss": float(loss) if loss is not None else None,
         "seconds": time.perf_counter() - started,
+        "last_lr": last_lr.lr,
         "checkpoints": ckpt.saved if ckpt else [],
     }
 

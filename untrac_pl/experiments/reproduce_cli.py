@@ -63,8 +63,8 @@ def fit(argv: Optional[list[str]] = None) -> int:
     module.net.save_pretrained(out_dir / "model")
     module.tokenizer.save_pretrained(out_dir / "model")
     save_weights(module.net, out_dir / "final" / "model.safetensors")
-    lr = float(module.optimizer_spec.lr)
-    write_json_atomic(out_dir / "final" / "checkpoint.json", {"step": info["steps"], "lr": lr, "seed": spec.seed, "excluded_groups": spec.exclude_groups})
+    # the lr the last step used (with a decaying schedule it is far below the base lr; TracIn weights by it)
+    write_json_atomic(out_dir / "final" / "checkpoint.json", {"step": info["steps"], "lr": info["last_lr"], "seed": spec.seed, "excluded_groups": spec.exclude_groups})
     losses = example_losses(module.net, corpus.examples, module.tokenizer.pad_token_id)
     per_group = {g: float(losses[idx].mean()) for g, idx in corpus.group_members().items()}
     write_json_atomic(out_dir / "fit_summary.json", {**info, "train_loss_per_group": per_group, "num_examples": len(corpus)})
