@@ -1,6 +1,7 @@
 """The reproduction pipeline on a planted toy: GT, UnTrac and UnTrac-Inv all single out the planted group."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,6 @@ def test_leave_group_out_takes_the_same_number_of_steps(planted_run):
 
 def test_same_seed_gives_identical_ground_truth(quickstart, tmp_path):
     # a smaller pipeline than the planted one (two groups, 12 steps), run twice: bit-identical ground truth
-    from dataclasses import replace
 
     cfg = _cfg(tmp_path)
     cfg = replace(cfg, fit=replace(cfg.fit, max_steps=12, checkpoint_steps=[]))
@@ -153,3 +153,23 @@ def test_untrac_takes_the_same_number_of_ascent_steps_per_group(planted_run):
     assert meta["optimizer_steps"] == {g: METHODS[0].samples_per_group for g in info["num_train_per_group"]}  # ...steps do not
     inv = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "untrac_inv.safetensors")
     assert len(inv.col_ids) == sum(min(n, METHODS[1].samples_per_group) for n in info["num_train_per_group"].values())
+
+
+def test_resume_refuses_seed_folders_computed_with_another_configuration(planted_run):
+    """--resume true reuses θ0/ground truth and method files only if they were computed with the same
+    settings; adding a method is fine, changing one under the same label or the θ0 recipe is refused."""
+    from untrac_pl.experiments.reproduce import ReproduceResumeError, check_resumable, shared_fingerprint
+
+    tmp, cfg, _ = planted_run
+    seed_dir = tmp / "scores" / "toy" / "seed0"
+    shared = shared_fingerprint(cfg, "toy", {"accelerator": "cpu"})
+    check_resumable(seed_dir, shared, METHODS + [MethodSpec(name="graddot", samples_per_group=12)])  # same + a new label
+    check_resumable(seed_dir, shared_fingerprint(cfg, "toy", {"accelerator": "cpu", "devices": 1}), METHODS)  # not score-relevant
+    longer = shared_fingerprint(replace(cfg, fit=replace(cfg.fit, max_steps=41)), "toy", {"accelerator": "cpu"})
+    with pytest.raises(ReproduceResumeError, match=r"fit\.max_steps \(40 -> 41\)"):
+        check_resumable(seed_dir, longer, METHODS)
+    with pytest.raises(ReproduceResumeError, match=r"precision"):
+        check_resumable(seed_dir, shared_fingerprint(cfg, "toy", {"accelerator": "cpu", "precision": "bf16-mixed"}), METHODS)
+    changed = [replace(METHODS[0], optimizer=OptimizerSpec(name="adam", lr=5e-5)), METHODS[1]]
+    with pytest.raises(ReproduceResumeError, match=r"untrac\.safetensors.*optimizer\.lr \(0\.001 -> 5e-05\)"):
+        check_resumable(seed_dir, shared, changed)

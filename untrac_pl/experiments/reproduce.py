@@ -18,6 +18,7 @@ figures. Any ScoreTable file dropped into a seed folder is evaluated too (``eval
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -252,6 +253,51 @@ def _tb_logger(cfg: ReproduceConfig, setting: str, seed: int, version: str):
     return TensorBoardLogger(save_dir=log_dir, name=f"{setting}/seed{seed}", version=version, default_hp_metric=False)
 
 
+# What θ0 and the ground truth depend on (not the methods, outputs, seeds list or reporting).
+SHARED_FIELDS = ("experiment", "synthetic", "corpora", "model", "max_length", "eval_batch_size", "fit", "lm")
+SCORE_TRAINER_KEYS = ("precision", "deterministic")
+
+
+def shared_fingerprint(cfg: ReproduceConfig, setting: str, trainer_kwargs: dict) -> dict:
+    """The configuration a seed folder's θ0 and ground truth were computed with, as plain JSON."""
+    full = _jsonable(asdict(cfg))
+    shared = {key: full[key] for key in SHARED_FIELDS}
+    shared["setting"] = setting
+    shared["trainer"] = {k: str(trainer_kwargs[k]) for k in SCORE_TRAINER_KEYS if trainer_kwargs.get(k) is not None}
+    return json.loads(json.dumps(shared, sort_keys=True, default=str))
+
+
+class ReproduceResumeError(ValueError):
+    """``--resume true`` on score files computed with a different configuration."""
+
+
+def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
+    """Refuse to reuse a seed folder whose ground truth or method files came from another configuration.
+
+    Adding methods (new labels) is fine; a changed shared setting or a changed method under an
+    existing label would otherwise be reported with the new configuration next to the old numbers.
+    """
+    from untrac_pl.resume import fingerprint_diff
+    from untrac_pl.scores import ScoreTable
+
+    gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
+    if not gt_path.exists():
+        return
+    stored = ScoreTable.load(gt_path).metadata.get("shared_config")
+    if stored != shared:
+        changed = fingerprint_diff(stored or {}, shared) if stored else "no configuration stored (written by an older version)"
+        raise ReproduceResumeError(f"--resume true: '{seed_dir}' was computed with another θ0/ground-truth configuration: {changed}; "
+                                   "rerun with --resume false (recomputes everything) or choose another output_dir")
+    for method in methods:
+        path = seed_dir / f"{method.key}.safetensors"
+        if path.exists():
+            old = json.loads(json.dumps(ScoreTable.load(path).metadata.get("spec"), default=str))
+            new = json.loads(json.dumps(asdict(method), default=str))  # as ScoreTable.save stores it
+            if old != new:
+                raise ReproduceResumeError(f"--resume true: '{path}' holds method '{method.key}' computed with other settings: "
+                                           f"{fingerprint_diff(old or {}, new)}; delete that file to recompute it, or rerun with --resume false")
+
+
 def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None, reuse: bool = False, may_fail: tuple = ()) -> dict:
     """Train θ0, compute GT and every method for one setting and seed; write the score files.
 
@@ -306,7 +352,8 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
             fit_spec, base, trainer_kwargs, logger_factory=lambda v: _tb_logger(cfg, setting, seed, v), eval_batch_size=cfg.eval_batch_size,
         )
         timings["ground_truth_s"] = time.perf_counter() - t2
-    gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean())})
+    gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean()),
+                        "shared_config": shared_fingerprint(cfg, setting, trainer_kwargs)})
     seed_dir.mkdir(parents=True, exist_ok=True)
 
     ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
@@ -373,6 +420,8 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
         for setting in settings:
             for seed in seeds:
                 seed_dir = scores_root / setting / f"seed{seed}"
+                if cfg.resume:
+                    check_resumable(seed_dir, shared_fingerprint(cfg, setting, trainer_kwargs), methods)
                 done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all((seed_dir / f"{m.key}.safetensors").exists() for m in methods)
                 if cfg.resume and done:
                     print(f"[reproduce] {setting} seed {seed}: already done, skipped", flush=True)
