@@ -109,6 +109,30 @@ def test_evaluate_directory_accepts_any_score_file_and_writes_report(tmp_path):
     assert (tmp_path / "out" / "heatmap_A.png").stat().st_size > 1000
 
 
+def test_means_over_fewer_seeds_than_the_setting_has_are_marked(tmp_path):
+    """3 seeds; "gradcos" has a file in 2 of them and "tracin" a constant (undefined) row in one: their
+    means are over 2 seeds and the table says so, with the left-out subsets counted."""
+    groups = ["a", "b", "c", "d"]
+    for seed in range(3):
+        folder = tmp_path / "scores" / "A" / f"seed{seed}"
+        _table([[1, 2, 3, 4]], ["test"], groups, "ground_truth").save(folder / "ground_truth.safetensors")
+        _table([[1, 2, 3, 4 + seed]], ["test"], groups, "untrac").save(folder / "untrac.safetensors")
+        if seed < 2:
+            _table([[1, 2, 4, 3]], ["test"], groups, "gradcos").save(folder / "gradcos.safetensors")
+        _table([[1, 1, 1, 1]] if seed == 0 else [[4, 3, 2, 1]], ["test"], groups, "tracin").save(folder / "tracin.safetensors")
+    metrics = evaluate_directory(tmp_path / "scores")
+    methods = metrics["A"]["methods"]
+    assert methods["untrac"]["test_sets"]["test"]["pearson"]["n"] == 3
+    assert methods["gradcos"]["num_seeds"] == 2 and methods["gradcos"]["test_sets"]["test"]["pearson"]["n"] == 2
+    assert methods["tracin"]["test_sets"]["test"]["num_undefined"] == 1 and methods["tracin"]["test_sets"]["test"]["pearson"]["n"] == 2
+    write_report(metrics, tmp_path / "out", title="t", command="c", figures=False)
+    md = (tmp_path / "out" / "results.md").read_text()
+    gradcos_row = next(line for line in md.splitlines() if line.startswith("| GradCos"))
+    untrac_row = next(line for line in md.splitlines() if line.startswith("| UnTrac "))
+    assert "(n=2/3)" in gradcos_row and "(n=" not in untrac_row
+    assert "TracIn / test: 1" in md
+
+
 def test_evaluate_seeds_rejects_missing_groups():
     gt = _table([[1, 2, 3]], ["test"], ["a", "b", "c"], "ground_truth")
     with pytest.raises(ValueError, match="lacks ground-truth groups"):

@@ -128,7 +128,10 @@ def evaluate_seeds(method_tables: Sequence[ScoreTable], gt_tables: Sequence[Scor
     per_seed = [correlate(m, g) for m, g in zip(method_tables, gt_tables)]
     first = per_seed[0]
     test_sets = {
-        t: {k: summarise([ps["test_sets"][t][k] for ps in per_seed]) for k in ("pearson", "spearman")}
+        t: {**{k: summarise([ps["test_sets"][t][k] for ps in per_seed]) for k in ("pearson", "spearman")},
+            "num_subsets": first["test_sets"][t]["num_subsets"],
+            # subsets left out of a seed's mean: constant or non-finite rows, summed over seeds
+            "num_undefined": sum(ps["test_sets"][t]["num_undefined"] for ps in per_seed)}
         for t in first["test_sets"]
     }
     subsets = {
@@ -152,6 +155,16 @@ def _mean_tables(tables: Sequence[ScoreTable], gt_tables: Sequence[ScoreTable]):
         zs.append(standardise(m))
         raws.append(m)
     return torch.stack(zs).mean(0), torch.stack(raws).mean(0), rows, cols
+
+
+def _expect_seeds(entry: dict, expected: int) -> None:
+    """Record on every summary how many seeds the setting has, so a mean over fewer (a missing score
+    file, a diverged or undefined seed) is shown as such instead of passing for the full average."""
+    for block in ("test_sets", "subsets"):
+        for values in entry.get(block, {}).values():
+            for key in ("pearson", "spearman"):
+                if isinstance(values.get(key), dict):
+                    values[key]["expected"] = expected
 
 
 def ground_truth_summary(gt_tables: Sequence[ScoreTable]) -> dict:
@@ -187,5 +200,6 @@ def evaluate_directory(root, methods: Optional[Sequence[str]] = None) -> dict:
             if pairs:
                 result["methods"][name] = evaluate_seeds([a for a, _ in pairs], [b for _, b in pairs])
                 result["methods"][name]["num_seeds"] = len(pairs)
+                _expect_seeds(result["methods"][name], len(gts))
         out[setting_dir.name] = result
     return out

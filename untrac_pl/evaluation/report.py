@@ -39,11 +39,15 @@ def display(name: str) -> str:
 
 
 def _fmt(summary: Optional[dict], digits: int = 3) -> str:
+    """``mean ± std`` over seeds; ``(n=k/N)`` when only k of the setting's N seeds have a value."""
     if not summary or summary.get("mean") is None or not math.isfinite(summary["mean"]):
         return "n/a"
-    if summary.get("n", 1) > 1:
-        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-    return f"{summary['mean']:.{digits}f}"
+    n = summary.get("n", 1)
+    text = f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}" if n > 1 else f"{summary['mean']:.{digits}f}"
+    expected = summary.get("expected")
+    if expected and n < expected:
+        text += f" (n={n}/{expected})"
+    return text
 
 
 def _clean(obj):
@@ -80,7 +84,13 @@ def correlation_markdown(setting: str, result: dict, method_names: list[str]) ->
     for name in method_names:
         ts = result["methods"][name]["test_sets"]
         rows.append([display(name)] + [_fmt(ts.get(t, {}).get("pearson")) for t in test_sets] + [_fmt(ts.get(t, {}).get("spearman")) for t in test_sets])
-    return _md_table(header, rows)
+    text = _md_table(header, rows)
+    left_out = [f"{display(name)} / {t}: {ts[t]['num_undefined']}" for name in method_names
+                for t, ts in [(t, result["methods"][name]["test_sets"]) for t in test_sets] if ts.get(t, {}).get("num_undefined")]
+    if left_out:
+        text += ("\n\nSubsets left out of the means because their correlation is undefined (constant or non-finite "
+                 "scores), summed over seeds: " + "; ".join(left_out) + ".")
+    return text
 
 
 def standardised_markdown(result: dict, method_names: list[str]) -> str:
