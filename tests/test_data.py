@@ -31,6 +31,29 @@ def test_jsonl_csv_text_and_list_readers(tmp_path):
     assert listed[0]["group"] == "<list>" and listed[1]["group"] == "k"
 
 
+def test_json_file_may_be_an_array_or_json_lines(tmp_path):
+    import json
+
+    items = [{"id": "a1", "text": "hello there", "group": "g1"}, {"prompt": "Q?", "completion": " A", "group": "g2"}]
+    (tmp_path / "arr.json").write_text("\n  " + json.dumps(items, indent=2), encoding="utf-8")
+    (tmp_path / "bom.json").write_bytes("\ufeff".encode() + json.dumps(items[:1]).encode())
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    expected = [
+        {"id": "a1", "group": "g1", "text": "hello there"},
+        {"id": "arr:1", "group": "g2", "prompt": "Q?", "completion": " A"},
+    ]
+    assert read_records(str(tmp_path / "arr.json")) == expected
+    assert read_records(str(tmp_path / "bom.json")) == expected[:1]
+    assert read_records(str(tmp_path / "lines.json")) == [expected[0], {**expected[1], "id": "lines:1"}]
+    assert read_records(DataSource(path=str(tmp_path / "arr.json"), limit=1)) == expected[:1]
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match=r"empty\.json: no records"):
+        read_records(str(tmp_path / "empty.json"))
+    (tmp_path / "scalars.json").write_text('[{"text": "fine"}, 3]')
+    with pytest.raises(DataError, match=r"scalars\.json, item 1: expected an object, got int"):
+        read_records(str(tmp_path / "scalars.json"))
+
+
 def test_datasets_reader_local_directory(tmp_path):
     import datasets
 

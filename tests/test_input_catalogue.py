@@ -404,6 +404,66 @@ def test_c41_trainer_options_that_would_change_the_ascent_plan(tmp_path, capsys,
     assert_no_complete_output(out)
 
 
+# -- data: rows, duplicate locations, JSON arrays, synthetic CSVs ----------------------------------------
+
+
+def test_c42_bad_datasets_row_names_the_row(tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["fine text here", "also fine text", "   "]}).save_to_disk(str(saved))
+    _expect(tmp_path, DataError, r"saved, row 2, field 'text': text is empty", train=saved)
+
+
+def test_c43_duplicate_ids_name_both_files_and_lines(tmp_path):
+    from untrac_pl.data.records import check_unique_ids
+
+    bad = _jsonl(tmp_path / "train.jsonl", [{"id": "x", "text": "first text"}, {"id": "y", "text": "other text"},
+                                            {"id": "x", "text": "third text"}])
+    _expect(tmp_path, DataError, r"training data, field 'id': duplicate id 'x' \(records 0 and 2\); ids must be unique "
+            r"\(first at .*train\.jsonl, line 1; again at .*train\.jsonl, line 3\)", train=bad)
+    # across sources: a JSONL line and a CSV line
+    other = tmp_path / "more.csv"
+    other.write_text("id,text\nz,some text\nx,clashing text\n")
+    records = read_records(str(bad))[:1] + read_records(str(other))
+    with pytest.raises(DataError, match=r"\(first at .*train\.jsonl, line 1; again at .*more\.csv, line 3\)"):
+        check_unique_ids(records, "training data")
+
+
+def test_c44_json_array_file_with_a_bad_item(tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text(json.dumps([{"text": "fine text here"}, {"text": "more fine text"}, {"text": ""}], indent=2))
+    _expect(tmp_path, DataError, r"train\.json, item 2, field 'text': text is empty", train=bad)
+    broken = tmp_path / "queries.json"
+    broken.write_text('[\n  {"text": "fine text here"},\n  {"text": "broken\n]\n')
+    _expect(tmp_path, DataError, r"queries\.json, line 3: not valid JSON", queries=broken)
+
+
+def test_c45_synthetic_csv_with_a_short_row(tmp_path):
+    from untrac_pl.data.synthetic import load_synthetic_csv
+
+    short = tmp_path / "short.csv"
+    short.write_text("inputs_pretokenized,targets_pretokenized,dataset\n"
+                     "What is one plus one?,two,dataset1\nWhat is two plus two?\n")
+    with pytest.raises(DataError, match=r"short\.csv, line 3, field 'targets_pretokenized': row has fewer columns than the header"):
+        load_synthetic_csv(short)
+
+
+def test_c46_synthetic_csv_dir_without_the_files(tmp_path):
+    from untrac_pl.data.synthetic import load_synthetic, load_synthetic_csv
+
+    with pytest.raises(DataError, match=r"nowhere: missing synthetic_train00_dataset\.csv, synthetic_eval00_dataset\.csv "
+                                        r"\(the directory does not exist\); synthetic dataset A needs "
+                                        r"synthetic_train00_dataset\.csv and synthetic_eval00_dataset\.csv"):
+        load_synthetic("A", tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "synthetic_train10_dataset.csv").write_text("inputs_pretokenized,targets_pretokenized,dataset\n")
+    with pytest.raises(DataError, match=r"half: missing synthetic_eval10_dataset\.csv; synthetic dataset B needs"):
+        load_synthetic("B", tmp_path / "half")
+    with pytest.raises(DataError, match=r"synthetic_eval10_dataset\.csv: file not found"):
+        load_synthetic_csv(tmp_path / "half" / "synthetic_eval10_dataset.csv")
+
+
 # -- the catalogue itself ---------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Readers that turn JSONL, CSV, plain text, `datasets` datasets and in-memory lists into records.
+"""Readers that turn JSONL, JSON arrays, CSV, plain text, `datasets` datasets and in-memory lists into records.
 
 A record is ``{"id": str, "group": str, "text": str}`` or ``{"id", "group", "prompt", "completion"}``
 (loss on the completion only). Every reader validates as it goes and raises :class:`DataError`
@@ -11,11 +11,37 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 from untrac_pl.errors import DataError
 
 Format = Literal["auto", "jsonl", "csv", "text", "hf"]
+# Where a raw record came from: a 1-based file line (int), or a label such as "row 4" (a `datasets`
+# row index) or "item 3" (an index into a top-level JSON array).
+Location = Optional[Union[int, str]]
+
+
+class Record(dict):
+    """A record (a plain ``dict`` in every respect) that also remembers where it was read from.
+
+    ``origin`` is e.g. ``"train.jsonl, line 3"`` or ``"saved, row 4"`` (``None`` when unknown); it is
+    not a key, so records compare, serialise and copy like ordinary dicts (a copy drops the origin).
+    """
+
+    origin: Optional[str] = None
+
+
+def _where(path: str, line: Location) -> dict:
+    """``DataError`` keyword arguments for a record at ``line`` of ``path``."""
+    if isinstance(line, str):
+        return dict(source=f"{path}, {line}", line=None)
+    return dict(source=path, line=line)
+
+
+def _describe(path: str, line: Location) -> str:
+    if line is None:
+        return str(path)
+    return f"{path}, {line}" if isinstance(line, str) else f"{path}, line {line}"
 
 
 @dataclass
@@ -47,8 +73,10 @@ def _infer_format(source: DataSource) -> str:
         return source.format
     path = Path(source.path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
+    if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
+    if suffix == ".json":
+        return "json"  # a top-level JSON array of objects, or JSONL
     if suffix in (".csv", ".tsv"):
         return "csv"
     if suffix in (".txt", ".text"):
@@ -60,8 +88,14 @@ def _infer_format(source: DataSource) -> str:
     raise DataError(f"cannot infer the format from suffix '{suffix}'; set format: jsonl|csv|text|hf", source=source.path)
 
 
-def _make_record(raw: dict, source: DataSource, position: int, line: Optional[int]) -> dict:
-    where = dict(source=source.path, line=line)
+def _make_record(raw: dict, source: DataSource, position: int, line: Location) -> dict:
+    record = _validate_record(raw, source, position, line)
+    record.origin = _describe(source.path, line)
+    return record
+
+
+def _validate_record(raw: dict, source: DataSource, position: int, line: Location) -> Record:
+    where = _where(source.path, line)
     if not isinstance(raw, dict):
         raise DataError(f"expected an object, got {type(raw).__name__}", **where)
     group = source.group if source.group is not None else raw.get(source.group_field)
@@ -79,7 +113,7 @@ def _make_record(raw: dict, source: DataSource, position: int, line: Optional[in
             raise DataError(f"must be a string, got {type(text).__name__}", field=source.text_field, **where)
         if not text.strip():
             raise DataError("text is empty", field=source.text_field, **where)
-        return {"id": rec_id, "group": str(group), "text": text}
+        return Record(id=rec_id, group=str(group), text=text)
     if has_pair:
         for name in (source.prompt_field, source.completion_field):
             if name not in raw:
@@ -88,7 +122,7 @@ def _make_record(raw: dict, source: DataSource, position: int, line: Optional[in
                 raise DataError(f"must be a string, got {type(raw[name]).__name__}", field=name, **where)
         if not raw[source.completion_field].strip():
             raise DataError("completion is empty: there is nothing to take a loss on", field=source.completion_field, **where)
-        return {"id": rec_id, "group": str(group), "prompt": raw[source.prompt_field], "completion": raw[source.completion_field]}
+        return Record(id=rec_id, group=str(group), prompt=raw[source.prompt_field], completion=raw[source.completion_field])
     present = ", ".join(sorted(map(str, raw))) or "none"
     raise DataError(
         f"record has no '{source.text_field}' field and no '{source.prompt_field}'/'{source.completion_field}' "
@@ -114,6 +148,40 @@ def _read_jsonl(source: DataSource) -> Iterable[tuple[dict, int]]:
                     raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", source=source.path, line=line_no) from None
         except UnicodeDecodeError as exc:
             raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+
+
+def _first_char(path: str) -> str:
+    """The first non-whitespace character of a UTF-8 file ("" if none or undecodable: the JSONL reader reports it)."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            while True:
+                chunk = handle.read(65536)
+                if not chunk:
+                    return ""
+                stripped = chunk.lstrip()
+                if stripped:
+                    return stripped[0]
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _read_json(source: DataSource) -> Iterable[tuple[dict, Location]]:
+    """A ``.json`` file: a top-level array of objects (rows named ``item <index>``), else JSONL."""
+    if _first_char(source.path) != "[":
+        yield from _read_jsonl(source)
+        return
+    try:
+        content = Path(source.path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError("file not found", source=source.path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+    try:
+        items = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", source=source.path, line=exc.lineno) from None
+    for index, item in enumerate(items):
+        yield item, f"item {index}"
 
 
 def _read_csv(source: DataSource) -> Iterable[tuple[dict, int]]:
@@ -160,7 +228,7 @@ def _read_text(source: DataSource) -> Iterable[tuple[dict, int]]:
             yield {source.text_field: "\n".join(buffer)}, start
 
 
-def _read_hf(source: DataSource) -> Iterable[tuple[dict, Optional[int]]]:
+def _read_hf(source: DataSource) -> Iterable[tuple[dict, Location]]:
     import datasets
 
     path = Path(source.path)
@@ -178,10 +246,10 @@ def _read_hf(source: DataSource) -> Iterable[tuple[dict, Optional[int]]]:
         hint = " (the Hub is offline here: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set; use a local path)" if offline else ""
         raise DataError(f"could not load the dataset{hint}: {exc}", source=source.path) from None
     for row_no, row in enumerate(loaded):
-        yield dict(row), row_no
+        yield dict(row), f"row {row_no}"
 
 
-_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "text": _read_text, "hf": _read_hf}
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": _read_text, "hf": _read_hf}
 
 
 def read_records(source: DataSource | dict | str) -> list[dict]:
@@ -195,7 +263,7 @@ def read_records(source: DataSource | dict | str) -> list[dict]:
     for position, (raw, line) in enumerate(_READERS[fmt](source)):
         if source.limit is not None and len(records) >= source.limit:
             break
-        records.append(_make_record(raw, source, position, line if fmt != "hf" else None))
+        records.append(_make_record(raw, source, position, line))
     if not records:
         raise DataError("no records (the file is empty)", source=source.path)
     return records
@@ -214,11 +282,19 @@ def records_from_list(items: Iterable[Any], name: str = "<list>", group: Optiona
 
 
 def check_unique_ids(records: list[dict], what: str) -> None:
+    """Raise :class:`DataError` on the first repeated id, naming both records and, where known
+    (records from :func:`read_records`/:func:`records_from_list`), the file and line or row of each."""
     seen: dict[str, int] = {}
     for position, record in enumerate(records):
         if record["id"] in seen:
+            first = seen[record["id"]]
+            origins = [getattr(records[first], "origin", None), getattr(record, "origin", None)]
+            located = ""
+            if any(origins):
+                first_at, again_at = (o or "unknown location" for o in origins)
+                located = f" (first at {first_at}; again at {again_at})"
             raise DataError(
-                f"duplicate id '{record['id']}' (records {seen[record['id']]} and {position}); ids must be unique",
+                f"duplicate id '{record['id']}' (records {first} and {position}); ids must be unique{located}",
                 source=what,
                 field="id",
             )

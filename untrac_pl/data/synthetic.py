@@ -39,6 +39,8 @@ import string
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from untrac_pl.errors import DataError
+
 __all__ = [
     "NUMBER_WORDS",
     "NOUNS",
@@ -435,12 +437,19 @@ def load_synthetic_csv(path: Union[str, os.PathLike], *, rename_groups: bool = F
     """
     path = Path(path)
     records = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"inputs_pretokenized", "targets_pretokenized", "dataset"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        for row_no, row in enumerate(reader):
+    columns = ("inputs_pretokenized", "targets_pretokenized", "dataset")
+    try:
+        handle = open(path, newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", source=str(path)) from None
+    with handle:
+        try:
+            rows = list(_read_csv_rows(handle, path, columns))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=str(path)) from None
+        except csv.Error as exc:
+            raise DataError(f"malformed CSV ({exc})", source=str(path)) from None
+        for row_no, row in enumerate(rows):
             group = row["dataset"]
             if rename_groups:
                 group = CSV_GROUP_TO_GROUP.get(group, group)
@@ -453,6 +462,22 @@ def load_synthetic_csv(path: Union[str, os.PathLike], *, rename_groups: bool = F
                 }
             )
     return records
+
+
+def _read_csv_rows(handle, path: Path, columns: tuple[str, ...]):
+    """Rows of a synthetic CSV; a missing column or a row shorter/longer than the header is a ``DataError``."""
+    reader = csv.DictReader(handle)
+    missing = set(columns) - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(f"missing column(s) {sorted(missing)}", source=str(path))
+    for row in reader:
+        if None in row:
+            raise DataError("row has more columns than the header", source=str(path), line=reader.line_num)
+        short = [name for name in columns if row[name] is None]
+        if short:
+            raise DataError(f"row has fewer columns than the header (no value for {', '.join(short)})",
+                            source=str(path), line=reader.line_num, field=short[0])
+        yield row
 
 
 def default_synthetic_dir() -> Path:
@@ -468,6 +493,15 @@ def load_synthetic(dataset: Literal["A", "B"], data_dir: Optional[Union[str, os.
     if dataset not in CSV_FILES:
         raise ValueError(f"dataset must be 'A' or 'B', got {dataset!r}")
     root = Path(data_dir) if data_dir is not None else default_synthetic_dir()
+    expected = list(CSV_FILES[dataset].values())
+    absent = [name for name in expected if not (root / name).is_file()]
+    if absent:
+        gone = " (the directory does not exist)" if not root.is_dir() else ""
+        raise DataError(
+            f"missing {', '.join(absent)}{gone}; synthetic dataset {dataset} needs {' and '.join(expected)} in this directory "
+            "(the csv_dir / data_dir setting, or $UNTRAC_SHARED_DATA/untrac_synthetic)",
+            source=str(root),
+        )
     return {
         split: load_synthetic_csv(root / name, rename_groups=True) for split, name in CSV_FILES[dataset].items()
     }
