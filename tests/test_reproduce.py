@@ -143,6 +143,8 @@ def test_sweep_pairs_select_cells_and_labels():
     assert info["untrac@sgd@0.001"] == {"base": "untrac", "optimizer": "sgd", "lr": 1e-3}
     grid, _ = expand_methods(ReproduceConfig(methods=METHODS, sweep=Sweep(methods=["untrac_inv"], optimizers=["sgd", "rmsprop"], lrs=[1e-4, 1e-3])))
     assert len(grid) == 2 + 4
+    with pytest.raises(ValueError, match="'graddot' takes no unlearning optimizer"):
+        expand_methods(ReproduceConfig(methods=METHODS + [MethodSpec(name="graddot")], sweep=Sweep(methods=["graddot"], optimizers=["sgd"], lrs=[1e-3])))
 
 
 def test_untrac_takes_the_same_number_of_ascent_steps_per_group(planted_run):

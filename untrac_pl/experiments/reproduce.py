@@ -236,6 +236,9 @@ def expand_methods(cfg: ReproduceConfig) -> tuple[list[MethodSpec], dict]:
             base = next((m for m in cfg.methods if m.name == base_name), None)
             if base is None:
                 raise ValueError(f"sweep method '{base_name}' has no entry in methods:")
+            if base.name not in ("untrac", "untrac_inv"):
+                raise ValueError(f"sweep.methods: '{base_name}' takes no unlearning optimizer, so every optimizer x lr cell "
+                                 "would be the same run; sweep untrac or untrac_inv")
             for opt, lr in cfg.sweep.cells():
                 label = f"{base_name}@{opt}@{lr:g}"
                 methods.append(replace(base, label=label, optimizer=replace(base.optimizer, name=opt, lr=lr)))
