@@ -104,3 +104,22 @@ def test_tracin_without_checkpoints_errors(tmp_path, capsys):
     assert code == 2
     assert "checkpoints" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+@pytest.mark.parametrize("method, option, expected", [
+    ("graddot", "projecton_dim", "attribution.baseline.projecton_dim: graddot has no option 'projecton_dim' (did you mean 'projection_dim'?); graddot accepts: params, projection_dim"),
+    ("ekfac", "hessian_samples_per_group", "attribution.baseline.hessian_samples_per_group: EK-FAC (kronfluence) cannot honour 'hessian_samples_per_group' (an option of hif_lissa, hif_arnoldi); ekfac accepts: batch_size, pad_token_id, damping, strategy, output_dir"),
+])
+def test_baseline_option_errors_in_one_line_before_any_work(tmp_path, capsys, method, option, expected):
+    """A typo (or another method's option) used to reach _Setup as a TypeError traceback (or be ignored by EK-FAC)."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["attribution"].update(method=method, output_dir=str(tmp_path / "z"))
+    cfg["attribution"]["baseline"][option] = 4  # params: null / projection_dim: null stay: null is the default
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = main(["attribute", "-c", str(path), "--trainer.enable_progress_bar=false"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"untrac-pl attribute: error: {expected}")
+    assert "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.partial").exists()

@@ -1,6 +1,7 @@
 """Baselines (GradDot, GradCos, TracIn, HIF) against brute-force autograd references on tiny models."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import copy
 import os
@@ -467,3 +468,70 @@ def test_captum_tracincp_agrees(setup, tmp_path):
         theirs = ref.influence((qb["input_ids"], qb["attention_mask"], qb["labels"]))
     ours = tracin(model, train, queries, checkpoints=ckpts, normalize_train=False)["example_scores"]
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# options: checked up front, named, never ignored
+# --------------------------------------------------------------------------------------------------
+def test_ekfac_refuses_options_it_cannot_honour_before_importing_kronfluence(setup, monkeypatch):
+    """params / projection_dim / hessian_samples_per_group were swallowed by ``**unused``; now a named
+    ValueError listing EK-FAC's options, raised before kronfluence is needed (runs without it)."""
+    from untrac_pl.baselines import BaselineOptionError
+    ekfac_module = importlib.import_module("untrac_pl.baselines.ekfac")  # the package's `ekfac` is the function
+
+    def no_import():
+        raise AssertionError("kronfluence imported before the options were checked")
+
+    monkeypatch.setattr(ekfac_module, "_import_kronfluence", no_import)
+    model, train, queries, _, _, _ = setup
+    accepted = "ekfac accepts: batch_size, pad_token_id, damping, strategy, output_dir"
+    for option, value in (("params", "lora_"), ("projection_dim", 16), ("hessian_samples_per_group", 2)):
+        with pytest.raises(BaselineOptionError, match=f"'{option}'.*{accepted}"):
+            ekfac_module.ekfac_scores(model, train, queries, **{option: value})
+        with pytest.raises(ValueError, match=f"'{option}'.*{accepted}"):
+            compute_baseline_scores("ekfac", model, train, queries, **{option: value})
+    with pytest.raises(BaselineOptionError, match="EK-FAC \\(kronfluence\\) has no option 'dampng' \\(did you mean 'damping'\\?\\)"):
+        compute_baseline_scores("ekfac", model, train, queries, dampng=0.1)
+    # null asks for the default: accepted, so the run goes on to kronfluence
+    with pytest.raises(AssertionError, match="kronfluence imported"):
+        ekfac_module.ekfac_scores(model, train, queries, params=None, projection_dim=None)
+
+
+def test_option_typos_are_named_value_errors_not_type_errors(setup):
+    from untrac_pl.baselines import BaselineOptionError, accepted_options, check_options
+
+    model, train, queries, _, _, _ = setup
+    with pytest.raises(BaselineOptionError, match="graddot has no option 'projecton_dim' \\(did you mean 'projection_dim'\\?\\);"
+                                                  " graddot accepts: params, projection_dim"):
+        compute_baseline_scores("graddot", model, train, queries, projecton_dim=8)
+    with pytest.raises(BaselineOptionError, match="hif_lissa cannot honour 'top_k' \\(an option of hif_arnoldi\\)"):
+        compute_baseline_scores("lissa", model, train, queries, top_k=4)
+    # the field the user wrote is named
+    with pytest.raises(BaselineOptionError, match="^attribution\\.baseline\\.normalise_train: tracin has no option"):
+        check_options("tracin", {"normalise_train": False}, where="attribution.baseline", runner=True)
+    with pytest.raises(BaselineOptionError, match="^methods\\[gd\\]\\.options\\.hessian_samples_per_group: graddot cannot honour"):
+        check_options("graddot", {"hessian_samples_per_group": 2}, where="methods[gd].options", runner=True)
+    assert check_options("hif_lissa", {"hessian_samples_per_group": 2, "top_k": None}, runner=True) == {"hessian_samples_per_group": 2}
+    # every accepted option reaches the scorer (no TypeError left behind the check)
+    assert {"params", "projection_dim", "batch_size", "group_normalize"} <= set(accepted_options("gradcos"))
+    assert {"iterations", "top_k", "select", "hvp_mode"} <= set(accepted_options("hif_arnoldi"))
+    out = compute_baseline_scores("graddot", model, train, queries, batch_size=4, use_vmap=True, vmap_chunk_size=None,
+                                  projection_kind="rademacher", projection_seed=0, group_normalize="example")
+    assert out["example_scores"].shape == (len(queries), len(train))
+
+
+def test_lissa_damping_check_is_as_documented(hess_setup):
+    """docs/baselines.md: with both damping and scale, LiSSA estimates nothing, so it cannot warn."""
+    from conftest import REPO
+
+    model, train, queries, _, evals, _, _ = hess_setup
+    assert float(evals[0]) < 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = hif_lissa(model, train, queries, damping=0.0, scale=10.0, iterations=1, batch_size=16)
+    assert out["info"]["lambda_min_est"] is None and out["info"]["damping"] == 0.0
+    with pytest.warns(RuntimeWarning, match="does not exceed"):  # damping alone: estimated and checked
+        hif_lissa(model, train, queries, damping=0.0, iterations=1, damping_iterations=8, batch_size=16)
+    docs = " ".join((REPO / "docs" / "baselines.md").read_text().split())
+    assert "unless both `damping` and `scale` are given" in docs
+    assert "the damping is not checked and no warning is issued" in docs

@@ -54,3 +54,75 @@ def test_resume_reuses_ground_truth_and_runs_only_missing_methods(baseline_run, 
         table = ScoreTable.load(seed_dir / f"{name}.safetensors")
         assert table.scores.shape == (1, 4) and torch.isfinite(table.scores).all()
     assert ScoreTable.load(seed_dir / "tracin.safetensors").metadata["info"]["checkpoints"] == len(cfg.fit.checkpoint_steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# methods[<label>].options: applied or refused when the spec is made, never ignored
+# --------------------------------------------------------------------------------------------------
+def test_baseline_options_are_checked_when_the_spec_is_made():
+    from untrac_pl.baselines import BaselineOptionError
+
+    with pytest.raises(BaselineOptionError, match="^methods\\[graddot\\]\\.options\\.projecton_dim: graddot has no option "
+                                                  "'projecton_dim' \\(did you mean 'projection_dim'\\?\\)"):
+        MethodSpec(name="graddot", options={"projecton_dim": 4})
+    with pytest.raises(BaselineOptionError, match="^methods\\[ek\\]\\.options\\.params: EK-FAC \\(kronfluence\\) cannot honour "
+                                                  "'params'.*ekfac accepts: batch_size, pad_token_id, damping, strategy, output_dir"):
+        MethodSpec(name="ekfac", label="ek", options={"params": "lora_"})
+    assert MethodSpec(name="hif_arnoldi", options={"top_k": 4, "hessian_samples_per_group": 2}).options["top_k"] == 4
+
+
+def test_untrac_options_are_applied_or_refused():
+    from untrac_pl.experiments.methods import MethodOptionError, _attribution_config
+
+    with pytest.raises(MethodOptionError, match="^methods\\[u1\\]\\.options\\.targets_per_pas: untrac does not take option "
+                                                "'targets_per_pas'; untrac accepts: targets_per_pass, snapshot_device"):
+        MethodSpec(name="untrac", label="u1", options={"targets_per_pas": 2})
+    with pytest.raises(MethodOptionError, match="^methods\\[untrac_inv\\]\\.options: attribution.targets_per_pass must be an integer >= 1"):
+        MethodSpec(name="untrac_inv", options={"targets_per_pass": 0})
+    spec = MethodSpec(name="untrac_inv", target_unit="example", options={"targets_per_pass": 3, "snapshot_device": "cpu"})
+    config = _attribution_config(spec, seed=7)
+    assert (config.method, config.target_unit, config.seed) == ("untrac_inv", "example", 7)
+    assert (config.targets_per_pass, config.snapshot_device) == (3, "cpu")
+
+
+def test_untrac_options_reach_the_engine(quickstart, tiny_tokenizer, monkeypatch):
+    """options.targets_per_pass / snapshot_device were never read for untrac / untrac_inv."""
+    import untrac_pl.engine as engine
+    from untrac_pl.data.schedule import UnlearningSchedule
+    from untrac_pl.experiments.methods import MethodContext, run_method
+    from untrac_pl.models import ModelSpec, build_model
+
+    from conftest import tiny_gpt2_config
+
+    seen = []
+    real = engine.run_attribution
+
+    def spy(module, datamodule, config, *args, **kwargs):
+        seen.append(config)
+        return real(module, datamodule, config, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_attribution", spy)
+    model_spec = ModelSpec(config=tiny_gpt2_config(0.0))
+    ctx = MethodContext(net=build_model(model_spec, tiny_tokenizer), tokenizer=tiny_tokenizer, model_spec=model_spec,
+                        train_records=quickstart["train"], query_records=quickstart["queries"][:4], seed=0, max_length=32,
+                        trainer_kwargs={"accelerator": "cpu"})
+    spec = MethodSpec(name="untrac_inv", target_unit="example", samples_per_group=2,
+                      unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None),
+                      options={"targets_per_pass": 2, "snapshot_device": "cpu"})
+    table = run_method(spec, ctx)
+    assert [(c.targets_per_pass, c.snapshot_device) for c in seen] == [(2, "cpu")]
+    assert table.scores.shape[0] == 4 and torch.isfinite(table.scores).all()
+
+
+def test_reproduce_cli_reports_a_bad_method_option_in_one_line(tmp_path, capsys):
+    from untrac_pl.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"reproduce:\n  name: bad\n  output_dir: {tmp_path / 'out'}\n  work_dir: {tmp_path / 'work'}\n"
+                      "  methods:\n    - name: hif_lissa\n      label: lissa\n      options: {iteratons: 3}\n")
+    assert main(["reproduce", "-c", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("untrac-pl reproduce: error: methods[lissa].options.iteratons: hif_lissa has no option 'iteratons' "
+                          "(did you mean 'iterations'?); hif_lissa accepts: iterations, ")
+    assert "\n" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

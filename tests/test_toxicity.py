@@ -153,3 +153,22 @@ def test_hub_sources_offline_fail_clearly_or_fall_back_with_a_record(monkeypatch
     except ImportError:
         with pytest.raises(DataError, match="detoxify is not installed"):
             load_toxicity_scorer("detoxify")  # asked for explicitly: an error, not a silent null
+
+
+def test_recorded_formula_follows_the_method(saved_model_dir, tmp_path):
+    """The JSON's ``sign`` was the UnTrac-Inv formula even for ``method: untrac``."""
+    from untrac_pl.experiments.toxicity import score_formula
+
+    assert score_formula("untrac_inv").startswith("score = L(train; θ_T) - L(train; θ0) after unlearning the completion")
+    assert score_formula("untrac").startswith("score = L(completion; θ_T) - L(completion; θ0) after unlearning the training text")
+    with pytest.raises(ValueError, match="untrac_inv, untrac"):
+        score_formula("graddot")
+    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=4),
+                                       toxicity_classifier="none")
+    untrac = _untrac(saved_model_dir, method="untrac", max_train_samples=4, max_test_samples=1, top_k_influences=2,
+                     unlearning_steps=1)
+    ToxicityAttributionExperiment(untrac, exp_cfg).run_experiment()
+    on_disk = json.loads((tmp_path / "untrac_toxicity_results.json").read_text())
+    assert on_disk["method"] == "untrac"
+    assert on_disk["sign"] == score_formula("untrac")
+    assert len(on_disk["test_cases"][0]["top_influences"]) == 2

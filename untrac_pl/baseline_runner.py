@@ -18,7 +18,9 @@ Options (``attribution.baseline``, passed to ``compute_baseline_scores``): e.g. 
 filter), ``projection_dim``, ``batch_size``, ``iterations``, ``top_k``, ``damping``,
 ``checkpoints: [{path: .../model.safetensors, lr: 0.001}, ...]`` (TracIn), plus
 ``hessian_samples_per_group: N`` (HIF: the Hessian of a balanced N-per-group subset of the training
-data instead of all of it). Models are built with ``attn_implementation: eager`` (needed by ``vmap``)
+data instead of all of it). An option the method does not take is refused up front
+(:class:`~untrac_pl.baselines.options.BaselineOptionError`, naming ``attribution.baseline.<key>`` and
+listing the method's options). Models are built with ``attn_implementation: eager`` (needed by ``vmap``)
 unless the config says otherwise.
 """
 from __future__ import annotations
@@ -97,7 +99,10 @@ class BaselineRunner:
             raise ValueError(f"'{config.method}' is not a baseline method ({', '.join(BASELINE_METHODS)})")
         self.module, self.datamodule, self.config = module, datamodule, config
         self.trainer_kwargs = dict(trainer_kwargs or {})
-        self.options = dict(config.baseline or {})
+        from untrac_pl.baselines.options import check_options
+
+        # a typo or another method's option fails here, before any data or model is loaded, naming the field
+        self.options = check_options(config.method, config.baseline, where="attribution.baseline", runner=True)
         self.writer = BaselineRankingWriter(top_k=config.top_k, snippet_chars=config.snippet_chars)
         self.memory = MemoryMonitor()
         spec = module.model_spec

@@ -28,6 +28,7 @@ from untrac_pl.baselines.hessian import (
     extreme_eigenvalues,
     lissa,
 )
+from untrac_pl.baselines.options import BaselineOptionError, accepted_options, check_options
 from untrac_pl.baselines.scores import (
     METHODS,
     compute_baseline_scores,
@@ -42,5 +43,5 @@ from untrac_pl.baselines.scores import (
 __all__ = [
     "METHODS", "compute_baseline_scores", "graddot", "gradcos", "tracin", "hif_lissa", "hif_arnoldi",
     "ekfac", "GradientComputer", "ParamSpace", "RandomProjector", "select_params", "batch_losses",
-    "eval_mode", "HessianOperator", "Eigenpairs", "arnoldi", "lissa", "auto_damping", "extreme_eigenvalues",
+    "eval_mode", "BaselineOptionError", "accepted_options", "check_options", "HessianOperator", "Eigenpairs", "arnoldi", "lissa", "auto_damping", "extreme_eigenvalues",
 ]

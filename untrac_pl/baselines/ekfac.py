@@ -64,7 +64,17 @@ def _examples(data, batch_size, pad_token_id) -> list:
 def ekfac_scores(model, train, queries, *, train_groups=None, query_groups=None, batch_size: int = 8,
                  pad_token_id: int = 0, damping: Optional[float] = None, strategy: str = "ekfac",
                  output_dir: Optional[str] = None, **unused) -> dict:
-    """Query-major EK-FAC influence ``g_q^T G^{-1} g_t`` (kronfluence's sign: positive = helpful)."""
+    """Query-major EK-FAC influence ``g_q^T G^{-1} g_t`` (kronfluence's sign: positive = helpful).
+
+    Options: ``batch_size``, ``pad_token_id``, ``damping``, ``strategy``, ``output_dir``. Anything else
+    (``params``, ``projection_dim``, ``hessian_samples_per_group``, ... of the other baselines) cannot be
+    honoured by kronfluence and raises :class:`~untrac_pl.baselines.options.BaselineOptionError`
+    before kronfluence is imported (``null`` values are accepted: they ask for the default).
+    """
+    if unused:
+        from untrac_pl.baselines.options import check_options
+
+        check_options("ekfac", unused)  # raises for every option not None; nothing is dropped silently
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs = _import_kronfluence()
 
     class _LMTask(Task):

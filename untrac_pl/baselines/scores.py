@@ -272,7 +272,8 @@ def hif_lissa(model, train, queries, *, train_groups=None, query_groups=None, it
     """HIF with LiSSA iHVPs of the query gradients (paper: 10 iterations).
 
     ``scale=None``: ``1.5 * (lambda_max + damping)`` from the Lanczos estimate, which makes the
-    recursion contract. With both ``damping`` and ``scale`` given, no eigenvalues are estimated. ``hessian_batches``: data of the Hessian (default: the training batches);
+    recursion contract. With both ``damping`` and ``scale`` given, no eigenvalues are estimated, so the damping is
+    not checked against the most negative curvature (no warning; ``lambda_*_est`` are ``None``). ``hessian_batches``: data of the Hessian (default: the training batches);
     ``stochastic``: one Hessian batch per iteration (cycled) instead of all of them. ``hvp_mode``:
     ``"fwd_rev"`` (jvp of grad, default) or ``"rev_rev"`` (vjp of grad), see
     :class:`~untrac_pl.baselines.hessian.HessianOperator`. A random
@@ -367,9 +368,11 @@ def compute_baseline_scores(method: str, model: torch.nn.Module, train, queries,
     ``query_groups[i]``: the group of example ``i``.
 
     Returns ``{"example_scores": [Q, N], "group_scores": [Qg, K] | None, "train_groups", "query_groups",
-    "group_rows", "group_cols", "method", "info"}``.
+    "group_rows", "group_cols", "method", "info"}``. Options the method does not take raise
+    :class:`~untrac_pl.baselines.options.BaselineOptionError` (a ``ValueError``) listing the ones it does.
     """
-    key = _ALIASES.get(method.lower(), method.lower())
-    if key not in _DISPATCH:
-        raise ValueError(f"unknown baseline {method!r}; choose one of {METHODS}")
+    from untrac_pl.baselines.options import canonical_method, check_options
+
+    key = canonical_method(method)
+    opts = check_options(key, opts)  # an option the method does not take: BaselineOptionError, not a TypeError
     return _DISPATCH[key](model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)

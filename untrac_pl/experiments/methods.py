@@ -23,6 +23,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.errors import UnTracError
 from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.scores import ScoreTable
@@ -39,7 +40,11 @@ class MethodSpec:
     UnTrac-Inv's evaluation set, a baseline's training side). ``options``: extra keyword arguments
     for the method (e.g. a baseline's ``projection_dim``); for HIF, ``hessian_samples_per_group: N``
     takes the Hessian of a balanced N-per-group subset of that training side (cheaper). Baselines run
-    with the model switched to eager attention (:class:`eager_attention`) and back.
+    with the model switched to eager attention (:class:`eager_attention`) and back. For ``untrac`` /
+    ``untrac_inv``, ``options`` may set the engine's ``targets_per_pass`` and ``snapshot_device``
+    (:class:`~untrac_pl.engine.AttributionConfig` fields). Options a built-in method does not take are
+    refused when the spec is made (:class:`MethodOptionError` / ``BaselineOptionError``, naming
+    ``methods[<label>].options.<key>``), never ignored.
     """
 
     name: str
@@ -50,9 +55,57 @@ class MethodSpec:
     samples_per_group: Optional[int] = None
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_method_options(self)
+
     @property
     def key(self) -> str:
         return self.label or self.name
+
+
+class MethodOptionError(UnTracError, ValueError):
+    """``methods[<label>].options`` holds an option the method does not take (or a bad value)."""
+
+
+# options of untrac / untrac_inv: the AttributionConfig fields that still mean something inside a
+# reproduction (method, target_unit and seed come from the spec and the run; nothing is written)
+UNLEARNING_OPTIONS = ("targets_per_pass", "snapshot_device")
+
+
+def _options_field(spec: "MethodSpec") -> str:
+    return f"methods[{spec.key}].options"
+
+
+def _attribution_config(spec: "MethodSpec", seed: int, output_dir: str = "unused"):
+    """The engine config of an ``untrac`` / ``untrac_inv`` spec, with its ``options`` applied."""
+    from untrac_pl.engine import AttributionConfig
+
+    options = dict(spec.options or {})
+    unknown = [k for k in options if k not in UNLEARNING_OPTIONS]
+    if unknown:
+        raise MethodOptionError(f"{_options_field(spec)}.{unknown[0]}: {spec.name} does not take option '{unknown[0]}'; "
+                                f"{spec.name} accepts: {', '.join(UNLEARNING_OPTIONS)} (the unlearning itself is set by "
+                                "the spec's optimizer / unlearning / target_unit / samples_per_group)")
+    try:
+        return AttributionConfig(method=spec.name, target_unit=spec.target_unit, seed=seed, output_dir=output_dir, **options)
+    except ValueError as exc:  # AttributionConfig names attribution.<field>; say where it was written
+        raise MethodOptionError(f"{_options_field(spec)}: {exc}") from exc
+
+
+def check_method_options(spec: "MethodSpec") -> None:
+    """Refuse options a built-in method would not use (a registered function checks its own)."""
+    if spec.name in METHOD_REGISTRY and METHOD_REGISTRY[spec.name] is not _unlearning:
+        return  # a user-registered function gets spec.options as it is
+    if spec.name in ("untrac", "untrac_inv"):
+        _attribution_config(spec, seed=0)
+        return
+    try:
+        from untrac_pl.baselines import METHODS as BASELINES
+        from untrac_pl.baselines.options import check_options
+    except ImportError:  # baselines not installed
+        return
+    if spec.name in BASELINES and spec.name not in METHOD_REGISTRY:
+        check_options(spec.name, spec.options, where=_options_field(spec), runner=True)
 
 
 @dataclass
@@ -101,7 +154,7 @@ def run_method(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
 
 def _unlearning(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
     from untrac_pl.data.datamodule import AttributionDataModule
-    from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.engine import run_attribution
     from untrac_pl.unlearning import UnTracModule
 
     module = UnTracModule(model=ctx.model_spec, optimizer=spec.optimizer, unlearning=spec.unlearning)
@@ -114,7 +167,7 @@ def _unlearning(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
         sample_seed=ctx.seed,
         eval_batch_size=ctx.eval_batch_size,
     )
-    config = AttributionConfig(method=spec.name, target_unit=spec.target_unit, seed=ctx.seed, output_dir="unused")
+    config = _attribution_config(spec, seed=ctx.seed)  # spec.options: targets_per_pass, snapshot_device
     kwargs = {**ctx.trainer_kwargs, "logger": False, "enable_progress_bar": False}
     result = run_attribution(module, datamodule, config, kwargs, write=False)
     if result.failed:
@@ -134,7 +187,10 @@ def _baseline(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
     train = sample_per_group(ctx.train_records, spec.samples_per_group, ctx.seed)
     train_corpus = tokenize_records(train, ctx.tokenizer, ctx.max_length, "training data")
     query_corpus = tokenize_records(ctx.query_records, ctx.tokenizer, ctx.max_length, "queries")
-    options = dict(spec.options)
+    from untrac_pl.baselines.options import check_options
+
+    options = check_options(spec.name, spec.options, where=_options_field(spec), runner=True)
+    options.setdefault("pad_token_id", ctx.tokenizer.pad_token_id)
     if spec.name == "tracin":
         options.setdefault("checkpoints", list(ctx.checkpoints))
     hessian_n = options.pop("hessian_samples_per_group", None)
@@ -146,7 +202,7 @@ def _baseline(spec: MethodSpec, ctx: MethodContext) -> ScoreTable:
         out = compute_baseline_scores(
             spec.name, ctx.net, train_corpus.examples, query_corpus.examples,
             train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in ctx.query_records],
-            pad_token_id=ctx.tokenizer.pad_token_id, **options,
+            **options,
         )
     rows = [str(r) for r in out["query_groups"]]  # out["group_rows"]/["group_cols"] name the units, not the groups
     cols = [str(c) for c in out["train_groups"]]

@@ -14,8 +14,10 @@ or ``untrac-pl toxicity -c configs/toxicity.yaml``. Steps:
 2. one completion per prompt from the model (seeded sampling: prompt ``i`` uses seed
    ``seed + i`` in a forked RNG, so completions do not depend on order or on the global RNG);
 3. every completion is attributed in **one** engine run (UnTrac-Inv: each completion is one target,
-   the θ0 losses of the training texts are computed once); the loss is taken on the completion
-   tokens only (``attribute: completion``), or on prompt + completion (``attribute: full``);
+   the θ0 losses of the training texts are computed once; ``method: untrac`` instead unlearns each
+   training text and measures the completions' losses, the JSON's ``sign`` says which); the loss is
+   taken on the completion tokens only (``attribute: completion``), or on prompt + completion
+   (``attribute: full``);
 4. optionally each completion is scored by an offline toxicity classifier (``detoxify`` when it is
    importable and its weights load, or a local ``transformers`` sequence-classification model);
 5. ``<output_dir>/untrac_toxicity_results.json``: ``test_cases[]`` of ``test_case_id``, ``prompt``,
@@ -433,7 +435,7 @@ class ToxicityAttributionExperiment:
             "experiment": "toxicity_attribution",
             "command": self.command,
             "method": self.config.method,
-            "sign": "score = L(train; θ_T) - L(train; θ0) after unlearning the completion; positive = the training text helped produce it",
+            "sign": score_formula(self.config.method),
             "attributed": "completion tokens only (prompt masked)" if exp.attribute == "completion" else "prompt + completion",
             "config": asdict(self.config),
             "experiment_config": asdict(exp),
@@ -460,6 +462,22 @@ class ToxicityAttributionExperiment:
         write_json_atomic(path, _json_safe(self.results))
         log.info("Results saved to %s", path)
         return path
+
+
+SCORE_FORMULAS = {
+    "untrac_inv": "score = L(train; θ_T) - L(train; θ0) after unlearning the completion; "
+                  "positive = the training text helped produce it",
+    "untrac": "score = L(completion; θ_T) - L(completion; θ0) after unlearning the training text (each training "
+              "text on its own, from θ0); positive = the training text helped produce it",
+}
+
+
+def score_formula(method: str) -> str:
+    """The ``sign`` line of the results JSON: what a score is for ``method`` (``untrac_inv`` / ``untrac``)."""
+    try:
+        return SCORE_FORMULAS[method]
+    except KeyError:
+        raise ValueError(f"no score formula for method {method!r}; choose one of {', '.join(SCORE_FORMULAS)}") from None
 
 
 def _group_means(scores: np.ndarray, groups: list[str]) -> dict:
