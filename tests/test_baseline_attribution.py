@@ -123,3 +123,15 @@ def test_baseline_option_errors_in_one_line_before_any_work(tmp_path, capsys, me
     assert err.startswith(f"untrac-pl attribute: error: {expected}")
     assert "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "z").exists() and not (tmp_path / "z.partial").exists()
+
+
+def test_baseline_options_with_an_unlearning_method_are_refused(tiny_spec, quickstart):
+    from untrac_pl.baselines.options import BaselineOptionError
+    from untrac_pl.data.datamodule import AttributionDataModule
+    from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.unlearning import UnTracModule
+
+    dm = AttributionDataModule.from_records(quickstart["train"][:4], quickstart["queries"][:1], max_length=32)
+    config = AttributionConfig(method="untrac_inv", baseline={"damping": 0.1, "params": None})
+    with pytest.raises(BaselineOptionError, match=r"attribution\.baseline\.damping: baseline options do nothing for method untrac_inv"):
+        run_attribution(UnTracModule(model=tiny_spec()), dm, config, {"accelerator": "cpu"}, write=False)

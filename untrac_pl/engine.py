@@ -511,5 +511,12 @@ class _quiet_lightning:
 def run_attribution(module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None, write: bool = True, extra_files: Optional[dict] = None) -> AttributionResult:
     from untrac_pl.baseline_runner import BaselineRunner, is_baseline
 
+    if not is_baseline(config.method):
+        ignored = sorted(k for k, v in (config.baseline or {}).items() if v is not None)
+        if ignored:
+            from untrac_pl.baselines.options import BaselineOptionError
+
+            raise BaselineOptionError(f"attribution.baseline.{ignored[0]}: baseline options do nothing for method {config.method}; "
+                                      "remove attribution.baseline (or set attribution.method to a baseline such as graddot)")
     runner_cls = BaselineRunner if is_baseline(config.method) else AttributionRunner
     return runner_cls(module, datamodule, config, trainer_kwargs).run(write=write, extra_files=extra_files)
