@@ -301,10 +301,7 @@ class AttributionRunner:
     def _run(self, plan: AttributionPlan, run_dir: Path, started: float, write: bool) -> AttributionResult:
         logger = self._logger(run_dir) if write else None
         self.writer.begin(plan, run_dir)
-        with warnings.catch_warnings(), _quiet_lightning():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        with _quiet_lightning():
             eval_loader = self.datamodule.evaluation_dataloader(plan.eval_corpus)
             self.module.target = None
             self.module.base_losses = None
@@ -494,18 +491,33 @@ def _assemble(predictions: list[dict], size: int) -> torch.Tensor:
 
 
 class _quiet_lightning:
-    """Silence Lightning's per-Trainer banners ("GPU available...") inside the target loop."""
+    """Silence, inside the engine's loops, Lightning's per-Trainer banners ("GPU available...", tips)
+    and the warnings that are known to be harmless here (one Trainer per target repeats them all)."""
 
     NAMES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+    HARMLESS = (
+        ".*does not have many workers.*",  # tiny per-target loaders; workers would cost more than they save
+        ".*The number of training batches.*",
+        ".*smaller than the logging interval.*",
+        ".*Total length of `DataLoader` across ranks is zero.*",
+        r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
+        ".*custom batch sampler `LengthSortedBatchSampler`.*",  # it returns every index by construction (tested)
+    )
 
     def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        for message in self.HARMLESS:
+            warnings.filterwarnings("ignore", message=message)
         self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
         for name in self.NAMES:
             logging.getLogger(name).setLevel(logging.WARNING)
+        return self
 
     def __exit__(self, *exc):
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
+        self._warnings.__exit__(*exc)
 
 
 def run_attribution(module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None, write: bool = True, extra_files: Optional[dict] = None) -> AttributionResult:

@@ -144,8 +144,6 @@ def fit_lm(
     checkpoint_dir: Optional[str | Path] = None,
 ) -> dict:
     """Train ``module.net`` in place for exactly ``spec.max_steps`` steps; returns a summary dict."""
-    import warnings
-
     from untrac_pl.engine import _quiet_lightning
 
     from untrac_pl.quantization import refuse_plan_trainer_options
@@ -166,12 +164,9 @@ def fit_lm(
     kwargs.setdefault("enable_progress_bar", False)
     kwargs.setdefault("num_sanity_val_steps", 0)
     kwargs.setdefault("log_every_n_steps", spec.log_every_n_steps)  # an explicit trainer.log_every_n_steps wins
-    trainer = pl.Trainer(max_steps=spec.max_steps, max_epochs=1, logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
     started = time.perf_counter()
-    with warnings.catch_warnings(), _quiet_lightning():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
+    with _quiet_lightning():  # θ0 and every leave-group-out model: one Trainer each, no banners
+        trainer = pl.Trainer(max_steps=spec.max_steps, max_epochs=1, logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
         trainer.fit(module, train_dataloaders=loader)
     if logger is not None:
         logger.finalize("success")
