@@ -175,3 +175,10 @@ def test_resume_refuses_seed_folders_computed_with_another_configuration(planted
     changed = [replace(METHODS[0], optimizer=OptimizerSpec(name="adam", lr=5e-5)), METHODS[1]]
     with pytest.raises(ReproduceResumeError, match=r"untrac\.safetensors.*optimizer\.lr \(0\.001 -> 5e-05\)"):
         check_resumable(seed_dir, shared, changed)
+
+
+def test_fit_fields_the_reproduction_sets_itself_are_refused():
+    with pytest.raises(ValueError, match=r"fit\.exclude_groups=\['a'\]: the reproduction trains θ0 on every group"):
+        ReproduceConfig(fit=FitSpec(exclude_groups=["a"]))
+    with pytest.raises(ValueError, match=r"fit\.seed=3: the reproduction trains with each seed of `seeds`"):
+        ReproduceConfig(fit=FitSpec(seed=3))

@@ -134,6 +134,15 @@ class ReproduceConfig:
     notes: str = ""
     threads: Optional[int] = None
 
+    def __post_init__(self):
+        # the reproduction sets these per run: θ0 sees every group, and the seed comes from ``seeds``
+        if self.fit.exclude_groups:
+            raise ValueError(f"fit.exclude_groups={self.fit.exclude_groups}: the reproduction trains θ0 on every group and "
+                             "leaves each group out itself for the ground truth; remove fit.exclude_groups")
+        if self.fit.seed != 0:
+            raise ValueError(f"fit.seed={self.fit.seed}: the reproduction trains with each seed of `seeds` "
+                             f"(now {self.seeds}); set seeds instead and leave fit.seed unset")
+
 
 # --------------------------------------------------------------------------------------------------
 # data
