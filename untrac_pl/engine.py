@@ -189,10 +189,10 @@ class AttributionRunner:
         self._clamp_max_length()
         self.datamodule.tokenize(self.module.tokenizer)
         plan = build_plan(self.config, self.datamodule)
-        self._warn_unequal_steps(plan)
+        self._warn_about_schedule(plan)
         return plan
 
-    def _warn_unequal_steps(self, plan: AttributionPlan) -> None:
+    def _warn_about_schedule(self, plan: AttributionPlan) -> None:
         """UnTrac's scores grow with the number of ascent steps (the ascent is unbounded), so groups
         unlearned for different step counts are ranked largely by step count (paper, Table 3).
         UnTrac-Inv with one step per target is, to first order, GradCos (Adam) or GradDot (SGD)."""

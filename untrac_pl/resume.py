@@ -78,13 +78,23 @@ def corpus_digest(corpus) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[dict] = None) -> dict:
-    """Everything that affects the scores of a run, as plain JSON (see the module docstring)."""
-    trainer_kwargs = dict(trainer_kwargs or {})
-    trainer = {k: _plain(trainer_kwargs[k]) for k in SCORE_TRAINER_KEYS if trainer_kwargs.get(k) is not None}
+def score_trainer_settings(trainer_kwargs: dict, keys=SCORE_TRAINER_KEYS) -> dict:
+    """The Trainer options among ``keys`` that are set, as plain values; precision by its canonical
+    name ("16" and "16-mixed" are one run)."""
     from untrac_pl.quantization import canonical_precision
 
-    trainer["precision"] = canonical_precision(trainer_kwargs.get("precision"))  # "16" and "16-mixed" are one run
+    settings = {k: _plain(trainer_kwargs[k]) for k in keys if trainer_kwargs.get(k) is not None}
+    if "precision" in settings:
+        settings["precision"] = canonical_precision(trainer_kwargs["precision"])
+    return settings
+
+
+def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[dict] = None) -> dict:
+    """Everything that affects the scores of a run, as plain JSON (see the module docstring)."""
+    from untrac_pl.quantization import canonical_precision
+
+    trainer_kwargs = dict(trainer_kwargs or {})
+    trainer = {**score_trainer_settings(trainer_kwargs), "precision": canonical_precision(trainer_kwargs.get("precision"))}
     return {
         "format": FORMAT,
         "method": plan.method,

@@ -67,9 +67,7 @@ def accepted_options(method: str, runner: bool = False) -> tuple[str, ...]:
 
 
 def _all_known() -> set:
-    from untrac_pl.baselines.scores import METHODS
-
-    return {n for m in METHODS for n in accepted_options(m, runner=True)}
+    return {n for m in _methods() for n in accepted_options(m, runner=True)}
 
 
 def _field(where: Optional[str], key: str) -> str:

@@ -165,17 +165,22 @@ def _first_char(path: str) -> str:
         return ""
 
 
+def _read_utf8(path: str) -> str:
+    """A whole text file (a leading BOM dropped), with the reader errors every format shares."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError("file not found", source=path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=path) from None
+
+
 def _read_json(source: DataSource) -> Iterable[tuple[dict, Location]]:
     """A ``.json`` file: a top-level array of objects (rows named ``item <index>``), else JSONL."""
     if _first_char(source.path) != "[":
         yield from _read_jsonl(source)
         return
-    try:
-        content = Path(source.path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError("file not found", source=source.path) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+    content = _read_utf8(source.path)
     try:
         items = json.loads(content)
     except json.JSONDecodeError as exc:
@@ -204,12 +209,7 @@ def _read_csv(source: DataSource) -> Iterable[tuple[dict, int]]:
 
 
 def _read_text(source: DataSource) -> Iterable[tuple[dict, int]]:
-    try:
-        content = Path(source.path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError("file not found", source=source.path) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source.path) from None
+    content = _read_utf8(source.path)
     if source.text_unit == "line":
         for line_no, line in enumerate(content.splitlines(), start=1):
             if line.strip():

@@ -267,15 +267,17 @@ def _tb_logger(cfg: ReproduceConfig, setting: str, seed: int, version: str):
 
 # What θ0 and the ground truth depend on (not the methods, outputs, seeds list or reporting).
 SHARED_FIELDS = ("experiment", "synthetic", "corpora", "model", "max_length", "eval_batch_size", "fit", "lm")
-SCORE_TRAINER_KEYS = ("precision", "deterministic")
+SHARED_TRAINER_KEYS = ("precision", "deterministic")
 
 
 def shared_fingerprint(cfg: ReproduceConfig, setting: str, trainer_kwargs: dict) -> dict:
     """The configuration a seed folder's θ0 and ground truth were computed with, as plain JSON."""
+    from untrac_pl.resume import score_trainer_settings
+
     full = _jsonable(asdict(cfg))
     shared = {key: full[key] for key in SHARED_FIELDS}
     shared["setting"] = setting
-    shared["trainer"] = {k: str(trainer_kwargs[k]) for k in SCORE_TRAINER_KEYS if trainer_kwargs.get(k) is not None}
+    shared["trainer"] = score_trainer_settings(trainer_kwargs, SHARED_TRAINER_KEYS)
     return json.loads(json.dumps(shared, sort_keys=True, default=str))
 
 
