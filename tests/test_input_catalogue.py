@@ -404,6 +404,17 @@ def test_c41_trainer_options_that_would_change_the_ascent_plan(tmp_path, capsys,
     assert_no_complete_output(out)
 
 
+@pytest.mark.parametrize("option", ["--trainer.gradient_clip_val=1.0", "--trainer.gradient_clip_algorithm=norm"])
+def test_c47_trainer_gradient_clipping_points_to_the_unlearning_option(tmp_path, capsys, option):
+    out = tmp_path / "out"
+    rc, err = _cli([option, f"--attribution.output_dir={out}"], capsys)
+    key = option[len("--trainer."):].split("=")[0]
+    assert rc == 2 and f"trainer.{key}=" in err and "--model.unlearning.max_grad_norm" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert_no_complete_output(out)
+    assert not out.with_name("out.partial").exists()
+
+
 # -- data: rows, duplicate locations, JSON arrays, synthetic CSVs ----------------------------------------
 
 

@@ -21,8 +21,8 @@ class CountingDataModule(AttributionDataModule):
 
     collated = 0
 
-    def evaluation_dataloader(self, corpus):
-        loader = super().evaluation_dataloader(corpus)
+    def evaluation_dataloader(self, corpus, loss_reduction="example_mean"):
+        loader = super().evaluation_dataloader(corpus, loss_reduction)
         inner = loader.collate_fn
 
         def counting(examples):

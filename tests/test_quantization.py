@@ -18,8 +18,16 @@ from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.optim import OptimizerSpec
-from untrac_pl.quantization import ScaleConfigError, attach_lora, check_scale_options, is_quantized, normalize_quantization
+from untrac_pl.quantization import (
+    ScaleConfigError,
+    attach_lora,
+    check_scale_options,
+    is_quantized,
+    keep_4bit_weights_unpacked,
+    normalize_quantization,
+)
 from untrac_pl.unlearning import UnTracModule
+from conftest import tiny_gpt2_config
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -48,6 +56,34 @@ class AdapterWatch(pl.Callback):
         self.ends.append(self._adapters(pl_module))
 
 
+def _force_bnb_cpu_capability(monkeypatch, avx512bf16: bool) -> None:
+    """Make bitsandbytes' 4-bit layers built from now on see (or not see) an AVX512-BF16 CPU.
+
+    ``Linear4bit.__init__`` (bitsandbytes >= 0.49) sets ``support_avx512bf16_for_cpu = has_avx512bf16()``
+    from its module's namespace, and ``forward`` takes the CPU weight-packing path on that flag: forcing
+    it runs the AVX512-BF16 branch of the loading code on any CPU (older releases have neither).
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16, raising=False)
+
+
+def _linear4bit_layers(net):
+    from bitsandbytes.nn import Linear4bit
+
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, Linear4bit)]
+
+
+def _packed(layer) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def _loss_batch(tokenizer, texts):
+    enc = tokenizer(texts[:6], return_tensors="pt", padding=True, truncation=True, max_length=24)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+
+
 def _frozen_state(net):
     """Every tensor of the model that is not a LoRA adapter (quantised weights, scales, norms, embeddings)."""
     state = {}
@@ -58,8 +94,11 @@ def _frozen_state(net):
     return state
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_lora_unlearning_on_quantized_base_touches_only_adapters(bits, tiny_spec, quickstart):
+# 4-bit runs as on a CPU with AVX512-BF16 and as on one without, whatever this machine has
+@pytest.mark.parametrize("bits,avx512bf16", [(8, None), (4, True), (4, False)], ids=["8", "4-avx512bf16", "4-no-avx512bf16"])
+def test_lora_unlearning_on_quantized_base_touches_only_adapters(bits, avx512bf16, tiny_spec, quickstart, monkeypatch):
+    if avx512bf16 is not None:
+        _force_bnb_cpu_capability(monkeypatch, avx512bf16)
     spec = tiny_spec(quantization={"bits": bits, "device": "cpu"}, lora={"r": 4, "alpha": 8})
     module = UnTracModule(spec, OptimizerSpec(lr=5e-2), UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
     module.load_model(_texts(quickstart))
@@ -93,6 +132,111 @@ def test_lora_unlearning_on_quantized_base_touches_only_adapters(bits, tiny_spec
     for name, tensor in base_before.items():
         if isinstance(tensor, torch.Tensor):
             assert torch.equal(base_after[name], tensor), name
+
+
+# width 32: in_features 32 < the block size 64 (c_attn, c_fc) next to a shape the packing accepts
+# (mlp.c_proj, 32 x 128); width 48: out_features not a multiple of 32 (48, 144) as well
+@pytest.mark.parametrize("avx512bf16,width", [(True, 32), (True, 48), (False, 32)], ids=["avx512bf16-32", "avx512bf16-48", "no-avx512bf16-32"])
+def test_4bit_layers_stay_unpacked_and_exact_whatever_the_cpu(avx512bf16, width, tiny_spec, quickstart, monkeypatch):
+    """Eval scoring, LoRA ascent with grad, eval again: one dequantise-and-matmul path, base bit-exact."""
+    import bitsandbytes.functional as bnb_functional
+
+    from untrac_pl.losses import model_per_example_loss
+    from untrac_pl.models import load_model_and_tokenizer
+
+    _force_bnb_cpu_capability(monkeypatch, avx512bf16)
+    texts = _texts(quickstart)
+    spec = tiny_spec(config=tiny_gpt2_config(n_embd=width), quantization={"bits": 4, "device": "cpu"}, lora={"r": 4, "alpha": 8})
+    model, tokenizer = load_model_and_tokenizer(spec, texts)
+    layers = _linear4bit_layers(model)
+    assert len(layers) == 8
+    base_before = _frozen_state(model)
+    batch = _loss_batch(tokenizer, texts)
+
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = model_per_example_loss(model, batch)
+        for name, layer in layers:  # the base layer alone: exactly its dequantised weight, in float32
+            x = torch.randn(5, layer.in_features, generator=generator)
+            weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(x.dtype)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(_packed(m) for _, m in layers)
+
+    model.train()  # what a LoRA ascent step does after a scoring pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_per_example_loss(model, batch).sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model_per_example_loss(model, batch), first)
+    assert not any(_packed(m) for _, m in layers)
+    base_after = _frozen_state(model)
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_after[n], t) for n, t in base_before.items() if isinstance(t, torch.Tensor))
+
+
+def test_bitsandbytes_packed_cpu_kernel_computes_the_same_model(tiny_spec, quickstart):
+    """Where bitsandbytes' AVX512-BF16 packed path can run, it agrees with the path the project uses.
+
+    Width 64 is a shape every layer of which the packing accepts. Switching the packing off changes the
+    kernel (bf16 for the packed one), not the model: per-example losses agree to within 2e-3 (measured
+    on bitsandbytes 0.50.2, AMD EPYC: 9e-5 with double quantisation, 2e-4 without).
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    from untrac_pl.losses import model_per_example_loss
+    from untrac_pl.models import load_model_and_tokenizer
+
+    if not hasattr(bnb_functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes release has no CPU weight-packing path")
+    if not bnb_functional.has_avx512bf16():
+        pytest.skip("the packed kernel needs a CPU with AVX512-BF16")
+    texts = _texts(quickstart)
+    for double_quant in (True, False):
+        spec = tiny_spec(config=tiny_gpt2_config(n_embd=64), quantization={"bits": 4, "device": "cpu", "double_quant": double_quant})
+        model, tokenizer = load_model_and_tokenizer(spec, texts)
+        model.eval()
+        batch = _loss_batch(tokenizer, texts)
+        layers = _linear4bit_layers(model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unpacked = model_per_example_loss(model, batch)
+            assert not any(_packed(m) for _, m in layers)
+            for _, layer in layers:
+                layer.support_avx512bf16_for_cpu = True  # bitsandbytes' own default on this CPU
+            packed = model_per_example_loss(model, batch)
+        assert len(layers) == 8 and all(_packed(m) for _, m in layers)
+        torch.testing.assert_close(packed, unpacked, rtol=0, atol=2e-3)
+
+
+def test_keep_4bit_weights_unpacked_refuses_what_it_cannot_switch_off():
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+
+    def layers():
+        net = torch.nn.Sequential(Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4"))
+        return net.to("cpu")  # quantised here
+
+    assert keep_4bit_weights_unpacked(layers()) == (["0"] if hasattr(layers()[0], "support_avx512bf16_for_cpu") else [])
+    assert keep_4bit_weights_unpacked(torch.nn.Linear(2, 2)) == []
+    if not hasattr(bnb_functional, "_convert_weight_packed_for_cpu"):
+        return  # nothing to switch off in this release
+    net = layers()
+    del net[0].support_avx512bf16_for_cpu  # a release with the packing but without this switch
+    with pytest.raises(ScaleConfigError, match=r"layer '0'.*bitsandbytes>=0\.47,<0\.51"):
+        keep_4bit_weights_unpacked(net)
+    net = layers()  # packed before untrac-pl saw it (the conversion itself is plain torch, any CPU)
+    weight = net[0].weight
+    weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    with pytest.raises(ScaleConfigError, match="'0' already holds bitsandbytes' CPU-packed weights"):
+        keep_4bit_weights_unpacked(net)
 
 
 def test_quantized_model_approximates_the_float_model_it_was_built_from(tiny_spec, quickstart):

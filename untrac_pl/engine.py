@@ -197,6 +197,11 @@ class AttributionRunner:
         unlearned for different step counts are ranked largely by step count (paper, Table 3).
         UnTrac-Inv with one step per target is, to first order, GradCos (Adam) or GradDot (SGD)."""
         schedule = self.module.schedule
+        if schedule.loss_reduction == "token_mean":
+            log.warning(
+                "model.unlearning.loss_reduction: token_mean gives every example of an evaluation batch the batch's token-mean "
+                "loss (the authors' convention), so per-example scores are shared within a batch and only group means are "
+                "meaningful; the authors evaluate in batches of 8 (data.eval_batch_size: 8)")
         if plan.method == "untrac_inv":
             steps = {num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
             if steps == {1}:
@@ -302,7 +307,7 @@ class AttributionRunner:
         logger = self._logger(run_dir) if write else None
         self.writer.begin(plan, run_dir)
         with _quiet_lightning():
-            eval_loader = self.datamodule.evaluation_dataloader(plan.eval_corpus)
+            eval_loader = self.datamodule.evaluation_dataloader(plan.eval_corpus, self.module.schedule.loss_reduction)
             self.module.target = None
             self.module.base_losses = None
             base_trainer = self._trainer(logger)
@@ -501,7 +506,7 @@ class _quiet_lightning:
         ".*smaller than the logging interval.*",
         ".*Total length of `DataLoader` across ranks is zero.*",
         r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
-        ".*custom batch sampler `LengthSortedBatchSampler`.*",  # it returns every index by construction (tested)
+        ".*custom batch sampler `(LengthSortedBatchSampler|GroupBatchSampler)`.*",  # both return every index by construction (tested)
     )
 
     def __enter__(self):

@@ -3,13 +3,22 @@
 Convention (docs/conventions): the loss of one example is the mean negative log-likelihood over its
 target tokens, i.e. positions whose label is not ``IGNORE_INDEX`` (prompt tokens and padding are
 masked). Labels are aligned with ``input_ids``; the shift happens here.
+
+``loss_reduction: token_mean`` (the authors' convention, see README "Matching the authors' code")
+averages tokens over a whole batch instead: the model's own Hugging Face loss of the batch
+(``model(..., labels=...).loss``), given to every example of the batch (:func:`model_losses`).
 """
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 IGNORE_INDEX = -100
+
+LossReduction = Literal["example_mean", "token_mean"]
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,7 +38,31 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def model_losses(model: torch.nn.Module, batch: dict, reduction: LossReduction = "example_mean", parameters: Optional[dict] = None) -> torch.Tensor:
+    """Per-example losses ``[batch]`` of a Hugging Face causal LM on a collated batch.
+
+    ``example_mean``: each example's own mean token NLL (:func:`per_example_loss`). ``token_mean``:
+    every example gets the batch's token mean as the model itself computes it
+    (``model(..., labels=...).loss``, the loss the authors' Hugging Face Trainer code uses), so group
+    means of these values are the authors' per-dataset evaluation losses. ``parameters`` evaluates
+    the model with other tensors in place of its own (``torch.func.functional_call``).
+    """
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if reduction == "token_mean":
+        kwargs["labels"] = batch["labels"]
+    elif reduction != "example_mean":
+        raise ValueError(f"unknown loss_reduction {reduction!r} (example_mean or token_mean)")
+    out = model(**kwargs) if parameters is None else functional_call(model, parameters, args=(), kwargs=kwargs, strict=False)
+    if reduction == "token_mean":
+        return out.loss.float().expand(batch["input_ids"].shape[0]).clone()
+    return per_example_loss(out.logits, batch["labels"])
+
+
+def model_token_mean_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The batch's token-mean loss as a 0-d tensor: the model's own ``loss`` (Hugging Face convention)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def model_per_example_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Run a Hugging Face causal LM on a collated batch and return per-example losses."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return per_example_loss(out.logits, batch["labels"])
+    return model_losses(model, batch)

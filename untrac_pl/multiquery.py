@@ -18,10 +18,9 @@ from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.func import functional_call
 
 from untrac_pl.errors import NonFiniteLossError
-from untrac_pl.losses import per_example_loss
+from untrac_pl.losses import LossReduction, model_losses
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,10 @@ def changed_tensors(net: torch.nn.Module, snapshot: Optional[dict] = None, clone
     return tensors
 
 
-def losses_with_parameter_sets(net: torch.nn.Module, parameter_sets: Sequence[dict], batch: dict) -> torch.Tensor:
+def losses_with_parameter_sets(net: torch.nn.Module, parameter_sets: Sequence[dict], batch: dict,
+                               reduction: LossReduction = "example_mean") -> torch.Tensor:
     """Per-example losses ``[k, B]`` of one collated batch under each of ``k`` parameter sets."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    rows = []
-    for params in parameter_sets:
-        out = functional_call(net, params, args=(), kwargs=kwargs, strict=False)
-        rows.append(per_example_loss(out.logits, batch["labels"]))
-    return torch.stack(rows)
+    return torch.stack([model_losses(net, batch, reduction, parameters=params) for params in parameter_sets])
 
 
 def unlearn_and_score_chunk(runner, plan, chunk: Sequence, eval_loader, logger, schedule) -> dict[str, int]:

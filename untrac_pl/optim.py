@@ -1,17 +1,20 @@
 """Optimizers for gradient-ascent unlearning (paper default: Adam, constant lr 5e-5, no clipping)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
 import torch
 
 OptimizerName = Literal["adam", "adamw", "sgd", "sgd_momentum", "rmsprop", "adafactor", "adam8bit", "adamw8bit"]
+LrSchedule = Literal["constant", "linear"]
 
 
 @dataclass
 class OptimizerSpec:
-    """Optimizer for the ascent. The learning rate stays constant (no scheduler), as in the paper."""
+    """Optimizer for the ascent (paper: constant lr; an lr schedule and clipping are
+    ``unlearning.lr_schedule`` / ``unlearning.max_grad_norm``, see :class:`~untrac_pl.data.schedule.UnlearningSchedule`)."""
 
     name: OptimizerName = "adam"
     lr: float = 5e-5
@@ -55,3 +58,26 @@ def build_optimizer(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -
         cls = bnb.optim.Adam8bit if name == "adam8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     raise ValueError(f"unknown optimizer '{name}'")
+
+
+def build_lr_scheduler(lr_schedule: LrSchedule, warmup_steps: int, optimizer: torch.optim.Optimizer, total_steps: int) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+    """One target's lr schedule over its ``total_steps`` planned optimizer steps (``None``: constant lr).
+
+    ``linear`` is transformers' ``get_linear_schedule_with_warmup``, the Hugging Face Trainer's
+    default: ``warmup_steps`` of linear warm-up, then linear decay reaching 0 after the last step
+    (the first step after warm-up uses the full lr). Stepped once after every optimizer step.
+    """
+    if lr_schedule == "constant":
+        return None
+    if lr_schedule != "linear":
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r} (constant or linear)")
+    # transformers.optimization imports bitsandbytes, whose CPU backend logs a warning about an optional
+    # kernels-hub package on AVX512-BF16 CPUs: not ours to show here
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        from transformers import get_linear_schedule_with_warmup  # the Hugging Face Trainer's own schedule
+    finally:
+        bnb_logger.setLevel(level)
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, int(total_steps)))

@@ -20,6 +20,16 @@ and ``model.lora``::
 A model built from ``model.config`` is initialised in full precision (seeded by ``init_seed``), saved
 to a temporary directory and reloaded through ``from_pretrained`` with the quantisation config: the
 one path bitsandbytes supports, so a config-built model and a Hub model quantise identically.
+
+bitsandbytes >= 0.49 repacks a 4-bit layer's weight in place for a bf16 AVX512 kernel at its first
+CPU forward in eval mode without grad, when the CPU has AVX512-BF16. That conversion fails for layers
+whose in_features is not a multiple of the quantisation block size (64) or whose out_features is not
+a multiple of 32; a packed layer stays packed, and ``matmul_4bit`` then fails the next forward that
+needs grad (LoRA ascent after a scoring pass); undoing it (``state_dict``) re-quantises the double-
+quantised absmax (without double quantisation it leaves absmax transposed in bf16), so the frozen base
+would not stay bit-exact; and it computes in bf16 whatever ``compute_dtype`` says, on those CPUs only.
+:func:`keep_4bit_weights_unpacked` switches that path off on every 4-bit layer of a model loaded here:
+the same kernels then run on every CPU, for any layer width.
 """
 from __future__ import annotations
 
@@ -59,6 +69,17 @@ def refuse_plan_trainer_options(trainer_kwargs: Mapping, why: str) -> None:
         value = trainer_kwargs.get(key)
         if value is not None and value not in neutral:
             raise ScaleConfigError(f"trainer.{key}={value!r} {why}; leave trainer.{key} unset")
+
+
+def refuse_trainer_gradient_clipping(trainer_kwargs: Mapping) -> None:
+    """``trainer.gradient_clip_val`` / ``gradient_clip_algorithm`` are refused: Lightning clips only in
+    automatic optimisation (the ascent runs in manual optimisation, where it raises mid-run)."""
+    for key in ("gradient_clip_val", "gradient_clip_algorithm"):
+        if trainer_kwargs.get(key) is not None:
+            raise ScaleConfigError(
+                f"trainer.{key}={trainer_kwargs[key]!r}: Lightning clips gradients only in automatic optimisation and the "
+                "ascent runs in manual optimisation; clip with model.unlearning.max_grad_norm (e.g. "
+                "--model.unlearning.max_grad_norm 1.0, the authors' arguments.py default) and leave trainer.gradient_clip_* unset")
 
 
 def canonical_precision(precision: Any) -> str:
@@ -142,6 +163,46 @@ def quantized_load_kwargs(quantization: Mapping, dtype: Optional[str] = None) ->
     return {"quantization_config": config, "device_map": {"": quantization_device(q["device"])}}
 
 
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> list[str]:
+    """Switch bitsandbytes' CPU weight packing off on every ``Linear4bit`` of ``model``; returns their names.
+
+    bitsandbytes >= 0.49 (``Linear4bit.forward``) converts a layer's weight with
+    ``_convert_weight_packed_for_cpu`` when ``x`` is on the CPU, ``self.support_avx512bf16_for_cpu``
+    (set from ``has_avx512bf16()`` at construction), the module is in eval mode and ``x`` needs no grad;
+    clearing that attribute keeps the layer on the plain dequantise-and-matmul path (the one training
+    uses), which computes in ``compute_dtype`` and accepts any shape. See the module docstring for why
+    the packed path cannot serve UnTrac. Releases without the packed path need nothing; a release that
+    has it but not this switch is refused rather than left to fail (or drift) mid-run.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return []
+    import bitsandbytes
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+
+    packing = hasattr(bnb_functional, "_convert_weight_packed_for_cpu")
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ScaleConfigError(
+                f"4-bit layer {name!r} already holds bitsandbytes' CPU-packed weights (an eval-mode forward ran "
+                "before untrac-pl prepared the model); load the model through untrac-pl (model.quantization)")
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            names.append(name)
+        elif packing:
+            raise ScaleConfigError(
+                f"bitsandbytes {bitsandbytes.__version__} packs 4-bit weights for CPU inference without the "
+                f"switch untrac-pl turns off (Linear4bit.support_avx512bf16_for_cpu, layer {name!r}); "
+                "install a tested release: pip install 'bitsandbytes>=0.47,<0.51'")
+    if names:
+        log.debug("bitsandbytes CPU weight packing switched off on %d 4-bit layers", len(names))
+    return names
+
+
 def from_config_quantized(config, dtype, load_kwargs: dict) -> torch.nn.Module:
     """Build a randomly initialised model from ``config`` (caller seeds it) and reload it quantised.
 
@@ -158,6 +219,7 @@ def from_config_quantized(config, dtype, load_kwargs: dict) -> torch.nn.Module:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
             model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **load_kwargs)
+    keep_4bit_weights_unpacked(model)
     return model
 
 
@@ -206,6 +268,8 @@ def attach_lora(model: torch.nn.Module, lora: Optional[Mapping] = None, seed: in
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if quantized:
+        keep_4bit_weights_unpacked(model)  # Hub models too (from_config_quantized did it for config-built ones)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     with warnings.catch_warnings():
@@ -238,6 +302,7 @@ def check_scale_options(model_spec, trainer_kwargs: Optional[Mapping] = None, ta
         "num_epochs / batch_size (and max_loss to stop early)")
     if targets_per_pass < 1:
         raise ScaleConfigError(f"attribution.targets_per_pass must be >= 1, got {targets_per_pass}")
+    refuse_trainer_gradient_clipping(trainer_kwargs)
     quant = getattr(model_spec, "quantization", None)
     if quant:
         q = normalize_quantization(quant)

@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 
-from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.data.schedule import UnlearningSchedule, num_optimizer_steps, plan_micro_batches
 from untrac_pl.errors import NonFiniteLossError
 from untrac_pl.lm_base import CausalLMHolder
+from untrac_pl.losses import model_losses, model_token_mean_loss
 from untrac_pl.models import ModelSpec
-from untrac_pl.optim import OptimizerSpec, build_optimizer
+from untrac_pl.optim import OptimizerSpec, build_lr_scheduler, build_optimizer
 
 
 @dataclass
@@ -31,7 +32,9 @@ class UnTracModule(CausalLMHolder):
     (``manual_backward(-loss)``). The model is in train mode (dropout on) while unlearning and in
     eval mode while scoring; Lightning switches the modes between ``fit`` and ``predict``.
     ``predict_step`` returns per-example losses and, once ``base_losses`` (θ0) are set, scores
-    ``loss(θ_T) - loss(θ0)``.
+    ``loss(θ_T) - loss(θ0)``. ``unlearning.loss_reduction`` says how tokens are averaged (per
+    example, or per batch as in the authors' code); ``unlearning.max_grad_norm`` clips each step's
+    gradient and ``unlearning.lr_schedule`` decays the lr over the target's planned steps.
     """
 
     def __init__(
@@ -77,7 +80,28 @@ class UnTracModule(CausalLMHolder):
         take_rank0_gradient(self.trainer.strategy.model)
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_spec, self.net.parameters())
+        optimizer = build_optimizer(self.optimizer_spec, self.net.parameters())
+        schedule = self.schedule
+        if schedule.lr_schedule == "constant":
+            return optimizer
+        if self.target is None:
+            raise RuntimeError("unlearning.lr_schedule needs the target (its planned step count) before fit")
+        total = num_optimizer_steps(plan_micro_batches(len(self.target.indices), schedule, self.target.seed))
+        return {"optimizer": optimizer, "lr_scheduler": build_lr_scheduler(schedule.lr_schedule, schedule.warmup_steps, optimizer, total)}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # called by Lightning inside opt.step(), after the 16-mixed GradScaler has unscaled the
+        # gradients, so the clipping threshold applies to the true gradient (as in the HF Trainer)
+        if self.schedule.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=float(self.schedule.max_grad_norm), gradient_clip_algorithm="norm")
+
+    def _ascent_loss(self, batch: dict) -> torch.Tensor:
+        """This micro-batch's share of its step's loss (the gradient accumulates over micro-batches)."""
+        if self.schedule.loss_reduction == "token_mean":
+            # the HF Trainer: the micro-batch's token-mean loss, divided by the accumulation steps
+            return model_token_mean_loss(self.net, batch) / batch["micro_batches"]
+        losses = self(batch)
+        return losses.sum() / batch["denominator"]
 
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
@@ -95,8 +119,7 @@ class UnTracModule(CausalLMHolder):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
-        losses = self(batch)
-        loss = losses.sum() / batch["denominator"]
+        loss = self._ascent_loss(batch)
         step = self.trainer.global_step
         target_id = self.target.id if self.target else "?"
         if not torch.isfinite(loss):
@@ -107,8 +130,12 @@ class UnTracModule(CausalLMHolder):
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed loss scaling
             scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
             opt.step()  # with a scaler: unscale, skip on inf/nan gradients, update the scale
-            if scale is not None and scaler.get_scale() < scale:
+            skipped = scale is not None and scaler.get_scale() < scale
+            if skipped:
                 self.amp_skipped_steps = getattr(self, "amp_skipped_steps", 0) + 1
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and not skipped:  # as the HF Trainer: no lr step for a skipped update
+                scheduler.step()
             opt.zero_grad(set_to_none=True)
             step_loss = float(torch.stack(self._step_losses).sum())
             self._step_losses = []
@@ -124,9 +151,9 @@ class UnTracModule(CausalLMHolder):
         if self.pass_parameters:  # k targets on one collated batch: scores [k, B]
             from untrac_pl.multiquery import losses_with_parameter_sets
 
-            losses = losses_with_parameter_sets(self.net, self.pass_parameters, batch).detach().float()
+            losses = losses_with_parameter_sets(self.net, self.pass_parameters, batch, self.schedule.loss_reduction).detach().float()
         else:
-            losses = self(batch).detach().float()
+            losses = model_losses(self.net, batch, self.schedule.loss_reduction).detach().float()
         out = {"index": batch["index"], "losses": losses}
         if self.base_losses is not None:
             out["scores"] = losses - self.base_losses.to(losses.device)[batch["index"]]

@@ -64,3 +64,23 @@ class LengthSortedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class GroupBatchSampler(Sampler[list[int]]):
+    """Batches of consecutive positions within each group, groups in ``group_members`` order.
+
+    The authors' ``TaskGroupedBatchSampler``: with ``loss_reduction: token_mean`` a batch's token
+    mean is every member's loss, so a batch must never mix groups and its make-up must follow the
+    data order (as theirs does), not the lengths.
+    """
+
+    def __init__(self, group_members: dict[str, list[int]], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batches = [members[i : i + batch_size] for members in group_members.values() for i in range(0, len(members), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

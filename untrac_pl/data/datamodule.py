@@ -11,11 +11,12 @@ from typing import Literal, Optional, Sequence
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from untrac_pl.data.collate import ExampleDataset, LengthSortedBatchSampler, PadCollator
+from untrac_pl.data.collate import ExampleDataset, GroupBatchSampler, LengthSortedBatchSampler, PadCollator
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.schedule import AscentDataset, UnlearningSchedule, plan_micro_batches
 from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
 from untrac_pl.errors import DataError
+from untrac_pl.losses import LossReduction
 
 
 class AttributionDataModule(pl.LightningDataModule):
@@ -113,12 +114,20 @@ class AttributionDataModule(pl.LightningDataModule):
         if self.train_corpus is None:
             raise RuntimeError("call AttributionDataModule.tokenize(tokenizer) first")
 
-    def evaluation_dataloader(self, corpus: TokenizedCorpus) -> DataLoader:
-        """All examples of ``corpus`` in length-sorted batches (order-free loss evaluation)."""
+    def evaluation_dataloader(self, corpus: TokenizedCorpus, loss_reduction: LossReduction = "example_mean") -> DataLoader:
+        """All examples of ``corpus`` in length-sorted batches (order-free loss evaluation).
+
+        ``loss_reduction: token_mean`` (a batch's token mean is each member's loss): batches of
+        consecutive examples within one group instead, as the authors' evaluation loop makes them.
+        """
         self._require_tokens()
+        if loss_reduction == "token_mean":
+            sampler = GroupBatchSampler(corpus.group_members(), self.eval_batch_size)
+        else:
+            sampler = LengthSortedBatchSampler(corpus.lengths, self.eval_batch_size)
         return DataLoader(
             ExampleDataset(corpus.examples),
-            batch_sampler=LengthSortedBatchSampler(corpus.lengths, self.eval_batch_size),
+            batch_sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from untrac_pl.data.collate import PadCollator
+from untrac_pl.losses import LossReduction
+from untrac_pl.optim import LrSchedule
 
 
 @dataclass
@@ -20,6 +22,19 @@ class UnlearningSchedule:
     ``batch_size`` examples per optimizer step (``None``: the whole target in one batch, the
     paper's UnTrac-Inv setting); ``micro_batch_size`` examples per forward pass, the rest made up by
     gradient accumulation. Paper defaults: UnTrac batch 1, one epoch; UnTrac-Inv whole target, 5 steps.
+
+    ``loss_reduction`` (ascent and scoring alike): ``example_mean`` (default) — a step's loss is the
+    mean of its examples' mean token NLLs and every example is scored on its own loss, so scores do
+    not depend on batching; ``token_mean`` — the authors' code (Hugging Face Trainer): each
+    micro-batch's loss is its token mean, divided by the number of micro-batches of the step, and
+    losses are evaluated as the token mean of each evaluation batch (``data.eval_batch_size``, 8 in
+    the authors' code; batches within one group, in data order), repeated for its examples.
+
+    ``max_grad_norm``: clip each step's gradient to this global L2 norm (Lightning's
+    ``clip_gradients`` after AMP unscaling; ``None``/0: off, the paper's setting; the authors'
+    ``arguments.py`` default is 1.0, their scripts pass 0). ``lr_schedule``: ``constant`` (paper) or
+    ``linear`` (Hugging Face's default: ``warmup_steps`` of warm-up, then linear decay to 0 at the
+    target's last planned step). Both act per target, as each target is one training run there.
     """
 
     num_steps: Optional[int] = None
@@ -28,8 +43,22 @@ class UnlearningSchedule:
     micro_batch_size: Optional[int] = None
     shuffle: bool = True
     max_loss: Optional[float] = None
+    loss_reduction: LossReduction = "example_mean"
+    max_grad_norm: Optional[float] = None
+    lr_schedule: LrSchedule = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self):
+        if self.max_grad_norm is not None and not (0 <= self.max_grad_norm < math.inf):
+            raise ValueError(f"unlearning.max_grad_norm must be a finite number >= 0 (0 or null: no clipping), got {self.max_grad_norm}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"unlearning.lr_schedule must be constant or linear, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"unlearning.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps and self.lr_schedule == "constant":
+            raise ValueError("unlearning.warmup_steps needs unlearning.lr_schedule: linear (a constant lr has no warm-up)")
+        if self.loss_reduction not in ("example_mean", "token_mean"):
+            raise ValueError(f"unlearning.loss_reduction must be example_mean or token_mean, got {self.loss_reduction!r}")
         if (self.num_steps is None) == (self.num_epochs is None):
             raise ValueError("unlearning: set exactly one of num_steps and num_epochs")
         for name in ("num_steps", "num_epochs", "batch_size", "micro_batch_size"):
@@ -43,8 +72,10 @@ class UnlearningSchedule:
 def plan_micro_batches(num_examples: int, schedule: UnlearningSchedule, seed: int) -> list[dict]:
     """Micro-batches of positions ``0..num_examples-1`` with their step boundaries.
 
-    Each entry: ``{"positions": [...], "denominator": n, "step_end": bool}`` where ``denominator``
-    is the size of the optimizer batch it belongs to (the step's gradient is the batch mean).
+    Each entry: ``{"positions": [...], "denominator": n, "micro_batches": m, "step_end": bool}`` where
+    ``denominator`` is the size of the optimizer batch it belongs to (the step's gradient is the batch
+    mean) and ``micro_batches`` the number of micro-batches of that step (``token_mean`` divides each
+    micro-batch's token mean by it, as Hugging Face's gradient accumulation does).
     """
     if num_examples < 1:
         raise ValueError("an unlearning target has no examples")
@@ -80,7 +111,7 @@ def plan_micro_batches(num_examples: int, schedule: UnlearningSchedule, seed: in
     for step in steps:
         chunks = [step[i : i + micro] for i in range(0, len(step), micro)]
         for j, chunk in enumerate(chunks):
-            plan.append({"positions": chunk, "denominator": len(step), "step_end": j == len(chunks) - 1})
+            plan.append({"positions": chunk, "denominator": len(step), "micro_batches": len(chunks), "step_end": j == len(chunks) - 1})
     return plan
 
 
@@ -101,5 +132,6 @@ class AscentDataset(Dataset):
         entry = self.plan[i]
         batch = self.collator([self.examples[self.indices[p]] for p in entry["positions"]])
         batch["denominator"] = torch.tensor(float(entry["denominator"]))
+        batch["micro_batches"] = torch.tensor(float(entry["micro_batches"]))
         batch["step_end"] = torch.tensor(entry["step_end"])
         return batch
