@@ -43,7 +43,7 @@ def setup(threads: Optional[int], seed: int = 0) -> None:
 
 
 def documents(n: int, sentences: int, seed: int = 0, group_names: bool = True) -> list[dict]:
-    """``n`` grouped documents of ``sentences`` sentences each, from the embedded quickstart generator."""
+    """``n`` grouped documents of ``sentences`` sentences each, from the quickstart generator."""
     from untrac_pl.data.embedded import quickstart_corpus
 
     per_group = max(24, (n * sentences) // 4 + 1)

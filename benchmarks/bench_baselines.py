@@ -121,9 +121,11 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    from captum.influence import TracInCP
-    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
     import captum
+    from captum.influence import TracInCP
+    from captum.influence._core.arnoldi_influence_function import (
+        ArnoldiInfluenceFunction,
+    )
 
     load0 = os.getloadavg()[0]
     model, train, queries = build(args)

@@ -23,8 +23,17 @@ import copy
 
 import lightning.pytorch as pl
 import torch
-
-from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, sync, write_result
+from _common import (
+    Stopwatch,
+    documents,
+    engine_trainer_kwargs,
+    environment,
+    gpt2_config,
+    median,
+    setup,
+    sync,
+    write_result,
+)
 
 
 def naive_scores(net, dm, schedule, optimizer_spec, targets, device: str) -> torch.Tensor:
@@ -104,7 +113,8 @@ def main(argv=None) -> dict:
 
     from untrac_pl.data.datamodule import AttributionDataModule
     from untrac_pl.data.schedule import UnlearningSchedule
-    from untrac_pl.engine import AttributionConfig, build_plan, run_attribution
+    from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.methods import query_targets
     from untrac_pl.models import ModelSpec, load_model_and_tokenizer
     from untrac_pl.optim import OptimizerSpec
     from untrac_pl.unlearning import UnTracModule
@@ -129,7 +139,7 @@ def main(argv=None) -> dict:
     def naive():
         dm = AttributionDataModule.from_records(docs, queries, max_length=args.max_length, eval_batch_size=args.batch)
         dm.tokenize(tokenizer)  # tokenised once, like the engine (not counted against either side)
-        plan = build_plan(config, dm)
+        plan = query_targets("untrac_inv", dm.query_corpus, dm.train_corpus, config.target_unit, config.seed)  # the engine's plan
         with Stopwatch(args.device) as watch:
             scores = naive_scores(net, dm, schedule, optimizer_spec, plan.targets, args.device)
         return watch.seconds, scores

@@ -23,8 +23,17 @@ import time
 
 import lightning.pytorch as pl
 import torch
-
-from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, sync, write_result
+from _common import (
+    Stopwatch,
+    documents,
+    engine_trainer_kwargs,
+    environment,
+    gpt2_config,
+    median,
+    setup,
+    sync,
+    write_result,
+)
 
 
 def main(argv=None) -> dict:
@@ -47,8 +56,9 @@ def main(argv=None) -> dict:
 
     from untrac_pl.data.datamodule import AttributionDataModule
     from untrac_pl.data.schedule import UnlearningSchedule, plan_micro_batches
-    from untrac_pl.engine import AttributionConfig, build_plan, run_attribution
+    from untrac_pl.engine import AttributionConfig, run_attribution
     from untrac_pl.losses import model_per_example_loss
+    from untrac_pl.methods import query_targets
     from untrac_pl.models import ModelSpec, load_model_and_tokenizer
     from untrac_pl.optim import OptimizerSpec, build_optimizer
     from untrac_pl.unlearning import UnTracModule
@@ -65,7 +75,7 @@ def main(argv=None) -> dict:
 
     dm = AttributionDataModule.from_records(docs, queries, max_length=args.max_length, eval_batch_size=args.batch)
     dm.tokenize(tokenizer)
-    plan = build_plan(attribution, dm)
+    plan = query_targets("untrac_inv", dm.query_corpus, dm.train_corpus, attribution.target_unit, attribution.seed)  # the engine's plan
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in dm.evaluation_dataloader(dm.train_corpus)]
     theta0 = {n: p.detach().clone() for n, p in net.named_parameters()}
 

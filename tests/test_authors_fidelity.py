@@ -159,6 +159,7 @@ def prepared(tiny_spec_module, data):
 @pytest.fixture(scope="module")
 def tiny_spec_module():
     from conftest import tiny_gpt2_config
+
     from untrac_pl.models import ModelSpec
 
     return lambda: ModelSpec(config=tiny_gpt2_config(0.0), train_tokenizer_vocab=300, init_seed=0)

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
-from untrac_pl.baselines import compute_baseline_scores
 from untrac_pl.cli import main
 from untrac_pl.data.datamodule import AttributionDataModule
+from untrac_pl.data.records import DataSource
 from untrac_pl.engine import AttributionConfig
+from untrac_pl.methods import compute_baseline_scores
 from untrac_pl.models import ModelSpec, load_model_and_tokenizer
 from untrac_pl.scores import ScoreTable
-
-from conftest import REPO
 
 CONFIG = REPO / "configs" / "quickstart_graddot.yaml"
 
@@ -32,7 +32,8 @@ def graddot_run(tmp_path_factory):
 def direct(graddot_run):
     """The same model and data built by hand, scored by compute_baseline_scores directly."""
     cfg = yaml.safe_load(CONFIG.read_text())
-    dm = AttributionDataModule(embedded="quickstart", max_length=cfg["data"]["max_length"])
+    dm = AttributionDataModule(train=[DataSource(**s) for s in cfg["data"]["train"]],
+                               queries=[DataSource(**s) for s in cfg["data"]["queries"]], max_length=cfg["data"]["max_length"])
     dm.load_records()
     spec = ModelSpec(**cfg["model"]["model"], attn_implementation="eager")
     net, tokenizer = load_model_and_tokenizer(spec, dm.all_texts())
@@ -126,9 +127,9 @@ def test_baseline_option_errors_in_one_line_before_any_work(tmp_path, capsys, me
 
 
 def test_baseline_options_with_an_unlearning_method_are_refused(tiny_spec, quickstart):
-    from untrac_pl.baselines.options import BaselineOptionError
     from untrac_pl.data.datamodule import AttributionDataModule
     from untrac_pl.engine import AttributionConfig, run_attribution
+    from untrac_pl.errors import BaselineOptionError
     from untrac_pl.unlearning import UnTracModule
 
     dm = AttributionDataModule.from_records(quickstart["train"][:4], quickstart["queries"][:1], max_length=32)

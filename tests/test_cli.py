@@ -74,12 +74,12 @@ def _bad_run(tmp_path, *extra):
 @pytest.mark.parametrize(
     "setup, extra, message",
     [
-        (None, ["--data.train=[{path: MISSING}]"], "MISSING: file not found"),
-        ("", ["--data.train=[{path: FILE}]"], "FILE: no records"),
-        ('{"text": "ok ok"}\n{oops\n', ["--data.train=[{path: FILE}]"], "FILE, line 2: not valid JSON"),
-        ('{"group": "g"}\n', ["--data.train=[{path: FILE}]"], "FILE, line 1, field 'text'"),
-        ('{"text": ""}\n', ["--data.train=[{path: FILE}]"], "text is empty"),
-        ('{"body": "hi"}\n', ["--data.train=[{path: FILE}]"], "fields present: body"),
+        (None, ["--data.train=null", "--data.train=[{path: MISSING}]"], "MISSING: file not found"),
+        ("", ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE: no records"),
+        ('{"text": "ok ok"}\n{oops\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE, line 2: not valid JSON"),
+        ('{"group": "g"}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE, line 1, field 'text'"),
+        ('{"text": ""}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "text is empty"),
+        ('{"body": "hi"}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "fields present: body"),
         (None, ["--model.model.name_or_path=./no/model/here", "--model.model.config=null"], "path './no/model/here' does not exist"),
         (None, ["--model.model.name_or_path=gpt2", "--model.model.config=null", "--model.model.train_tokenizer_vocab=null"], "Hub is offline"),
         (None, ["--data.max_length=1"], "max_length must be >= 2"),
@@ -87,6 +87,8 @@ def _bad_run(tmp_path, *extra):
     ids=["missing-file", "empty-file", "bad-json", "no-text", "empty-text", "unknown-field", "no-model-path", "hub-offline", "max-length"],
 )
 def test_bad_input_clear_error_and_no_complete_output(tmp_path, capsys, setup, extra, message):
+    # --data.train=null first: the quickstart config's train list is a generated source, and a same-length
+    # list on the command line is merged item by item with it (docs/input_catalogue.md, C51)
     data = tmp_path / "data.jsonl"
     if setup is not None:
         data.write_text(setup)
@@ -108,3 +110,114 @@ def test_config_typo_is_rejected(tmp_path):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "untrac_pl.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "attribute" in result.stdout
+
+
+# -- the root command and the package ------------------------------------------------------------------
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter (this one has torch loaded already); fails the test if it fails."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_root_help_lists_every_command_without_importing_torch():
+    from untrac_pl.cli import COMMANDS
+
+    # in a fresh interpreter: --help and --version must not pull in torch, Lightning or jsonargparse
+    heavy = ("torch", "lightning", "transformers", "jsonargparse")
+    out = _fresh_python(
+        "import sys, contextlib, io\n"
+        "from untrac_pl.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    assert main(['--help']) == 0 and main(['--version']) == 0\n"
+        f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "print(buf.getvalue())\n").stdout
+    assert set(COMMANDS) == {"attribute", "fit", "reproduce", "toxicity", "scaling"}
+    for name, description in COMMANDS.items():
+        assert re.search(rf"^  {name}\s+{re.escape(description)}$", out, re.M), name
+
+
+def test_import_untrac_pl_loads_no_torch():
+    _fresh_python("import sys, untrac_pl; assert 'torch' not in sys.modules and 'lightning' not in sys.modules; dir(untrac_pl)")
+
+
+@pytest.mark.parametrize("command", ["attribute", "fit", "reproduce", "toxicity", "scaling"])
+def test_each_command_module_and_its_description(command):
+    import importlib
+
+    from untrac_pl.cli import COMMANDS
+
+    module = importlib.import_module(f"untrac_pl.cli.{command}")
+    assert module.main.__doc__.strip().splitlines()[0] == COMMANDS[command]
+
+
+def test_version_is_the_packages(capsys):
+    import untrac_pl
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"untrac-pl {untrac_pl.__version__}\n"
+    from setuptools.config.setupcfg import (
+        read_configuration,  # what `pip install` reads: attr: untrac_pl.__version__
+    )
+
+    assert read_configuration(str(REPO / "setup.cfg"))["metadata"]["version"] == untrac_pl.__version__
+
+
+def test_unknown_command_and_no_command(capsys):
+    assert main(["atribute", "-c", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'atribute'" in err and "attribute" in err
+    assert main([]) == 0 and "commands:" in capsys.readouterr().out
+
+
+def test_package_exports_resolve_lazily():
+    import importlib.util
+
+    import untrac_pl
+
+    assert set(untrac_pl.__all__) <= set(dir(untrac_pl))
+    for name in untrac_pl.__all__:
+        if name in ("__version__", "attribute"):
+            continue
+        value = getattr(untrac_pl, name)
+        assert value.__name__ == name and value.__module__.startswith("untrac_pl.")
+    if importlib.util.find_spec("untrac_pl.api") is None:  # the functional API is not in this tree yet
+        with pytest.raises(ImportError, match="untrac_pl.api"):
+            untrac_pl.attribute
+    else:
+        assert callable(untrac_pl.attribute)
+    from untrac_pl import UnTracConfig, compat
+
+    assert UnTracConfig is compat.UnTracConfig
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        untrac_pl.nope
+
+
+def test_attribute_builds_no_trainer_and_passes_the_trainer_arguments(monkeypatch):
+    """LightningCLI(run=False) would build a Trainer that the engine never uses: the CLI keeps its arguments only."""
+    import functools
+
+    import lightning.pytorch as pl
+
+    from untrac_pl.cli.attribute import AttributionCLI
+    from untrac_pl.data.datamodule import AttributionDataModule
+    from untrac_pl.unlearning import UnTracModule
+
+    built = []
+    original = pl.Trainer.__init__
+
+    @functools.wraps(original)  # the signature stays visible to the parser
+    def counting_init(self, *args, **kwargs):
+        built.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", counting_init)
+    cli = AttributionCLI(UnTracModule, AttributionDataModule, ["-c", str(REPO / "configs" / "quickstart.yaml"), "--trainer.enable_progress_bar=false",
+                                                               "--trainer.precision=bf16-mixed"], prog="untrac-pl attribute", description="")
+    assert built == [] and cli.trainer is None
+    kwargs = cli.trainer_kwargs
+    assert kwargs["enable_progress_bar"] is False and kwargs["precision"] == "bf16-mixed" and kwargs["logger"] is True
+    assert None not in kwargs.values()  # unset arguments are left to the engine's defaults

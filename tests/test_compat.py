@@ -155,11 +155,7 @@ def test_untrac_method_unlearns_each_training_text_and_scores_the_test_text(save
     assert int(np.argmax(scores)) == 2  # unlearning the test text's copy raises the test loss most
 
 
-def test_memory_efficient_estimator_batches_and_reports_missing_quantization(saved_model_dir):
-    import importlib.util
-
-    from untrac_pl.errors import ModelLoadError
-
+def test_memory_efficient_estimator_batches_and_quantizes(saved_model_dir):
     config = _config(saved_model_dir)
     estimator = MemoryEfficientUnTracEstimator(config, use_quantization=False)
     theta0 = _state(estimator.model)
@@ -168,16 +164,17 @@ def test_memory_efficient_estimator_batches_and_reports_missing_quantization(sav
     assert _bit_exact(estimator.model, theta0)
     np.testing.assert_allclose(batched, plain, atol=1e-5)  # batch size only changes padding
     assert estimator.count_parameters() == sum(p.numel() for p in estimator.model.parameters())
-    if importlib.util.find_spec("untrac_pl.quantization") is None:
-        with pytest.raises(ModelLoadError, match="untrac_pl.quantization"):
-            MemoryEfficientUnTracEstimator(config, use_quantization=True, quant_bits=4)
-    else:  # 4-bit base + LoRA unlearning through the same engine; θ0 (the adapters) restored exactly
-        quantized = MemoryEfficientUnTracEstimator(config, use_quantization=True, quant_bits=4)
-        q_theta0 = _state(quantized.model)
-        scores = quantized.compute_influence_scores_batched(TEST, TRAIN, batch_size=4)
-        assert np.isfinite(scores).all() and int(np.argmax(scores)) == 2
-        assert _bit_exact(quantized.model, q_theta0)
-        assert quantized.count_parameters() == estimator.count_parameters()  # unpacked base, adapters left out
+    # 4-bit base + LoRA unlearning through the same engine; θ0 (the adapters) restored exactly
+    quantized = MemoryEfficientUnTracEstimator(config, use_quantization=True, quant_bits=4)
+    from untrac_pl.callbacks.memory import MemoryMonitor
+
+    footprint = MemoryMonitor.footprint(quantized.model)  # packed 4-bit weights are stored as uint8
+    assert footprint["quantized"] and footprint["parameter_bytes"] < MemoryMonitor.footprint(estimator.model)["parameter_bytes"]
+    q_theta0 = _state(quantized.model)
+    scores = quantized.compute_influence_scores_batched(TEST, TRAIN, batch_size=4)
+    assert np.isfinite(scores).all() and int(np.argmax(scores)) == 2
+    assert _bit_exact(quantized.model, q_theta0)
+    assert quantized.count_parameters() == estimator.count_parameters()  # unpacked base, adapters left out
     with pytest.raises(ValueError, match="quant_bits"):
         MemoryEfficientUnTracEstimator(config, use_quantization=True, quant_bits=3)
 
@@ -205,7 +202,7 @@ def test_readme_snippets_run_verbatim(saved_model_dir, tmp_path, monkeypatch, ca
         exec(compile(code, f"{DOC.name}[python block {number}]", "exec"), namespace)
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "results" / "untrac_toxicity_results.json").read_text())
-    assert len(results["test_cases"]) == 5 and results["training_data"]["source"] == "embedded:quickstart"
+    assert len(results["test_cases"]) == 5 and results["training_data"]["source"] == ["generated:quickstart/train"]
     for case in results["test_cases"]:
         assert {"test_case_id", "prompt", "completion", "top_influences"} <= set(case)
         assert [t["rank"] for t in case["top_influences"]] == list(range(1, 11))

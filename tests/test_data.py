@@ -1,13 +1,16 @@
 """Readers, tokenisation with loss masks, truncation, sampling, length-sorted batching."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
 from untrac_pl.data.records import DataSource, read_records, records_from_list
-from untrac_pl.data.schedule import UnlearningSchedule, num_optimizer_steps, plan_micro_batches
+from untrac_pl.data.schedule import (
+    UnlearningSchedule,
+    num_optimizer_steps,
+    plan_micro_batches,
+)
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.errors import DataError
 from untrac_pl.losses import IGNORE_INDEX
@@ -52,6 +55,42 @@ def test_json_file_may_be_an_array_or_json_lines(tmp_path):
     (tmp_path / "scalars.json").write_text('[{"text": "fine"}, 3]')
     with pytest.raises(DataError, match=r"scalars\.json, item 1: expected an object, got int"):
         read_records(str(tmp_path / "scalars.json"))
+
+
+def _sources_as_configs_parse_them(value: str) -> list[DataSource]:
+    """A list of data sources parsed as the CLI parses ``data.train`` (jsonargparse, typed fields)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--train", type=list[DataSource])
+    return parser.instantiate_classes(parser.parse_args(["--train", value])).train
+
+
+def test_format_json_may_be_set_explicitly(tmp_path):
+    """``format: json`` is accepted wherever a ``.json`` file infers it (the config parser refused it: the
+    format's choices lacked ``json``); set explicitly, it reads a JSON array whatever the file's name."""
+    import json
+
+    items = [{"id": "a1", "text": "hello there", "group": "g1"}, {"id": "a2", "prompt": "Q?", "completion": " A", "group": "g2"}]
+    (tmp_path / "arr.json").write_text(json.dumps(items), encoding="utf-8")
+    (tmp_path / "arr.export").write_text(json.dumps(items), encoding="utf-8")
+    inferred = read_records(str(tmp_path / "arr.json"))
+    for name in ("arr.json", "arr.export"):
+        (source,) = _sources_as_configs_parse_them(f"[{{path: {tmp_path / name}, format: json}}]")
+        assert source.format == "json"
+        assert read_records(source) == inferred
+    with pytest.raises(DataError, match=r"cannot infer the format from suffix '\.export'; set format: jsonl\|json\|"):
+        read_records(str(tmp_path / "arr.export"))
+
+
+def test_a_generated_source_in_a_config(tmp_path):
+    """``{format: generated, generator, split, seed, options}`` parses like any source and reads the generator's records."""
+    from untrac_pl.data.synthetic import make_synthetic
+
+    (source,) = _sources_as_configs_parse_them("[{format: generated, generator: synthetic, split: test, seed: 4, "
+                                               "options: {dataset: B, n_per_task: 2, n_test: 3}}]")
+    assert (source.generator, source.split, source.seed, source.options) == ("synthetic", "test", 4, {"dataset": "B", "n_per_task": 2, "n_test": 3})
+    assert read_records(source) == make_synthetic("B", n_per_task=2, n_test=3, seed=4)["test"]
 
 
 def test_datasets_reader_local_directory(tmp_path):

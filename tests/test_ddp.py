@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from untrac_pl.distributed import ShardedBatchSampler, merge_across_ranks, may_be_distributed
+from untrac_pl.distributed import (
+    ShardedBatchSampler,
+    may_be_distributed,
+    merge_across_ranks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,21 +60,35 @@ SCRIPT = textwrap.dedent(
             self.sums[pl_module.target.id] = digest.hexdigest()
 
 
+    class ScoredIndices(pl.Callback):
+        """The evaluation indices this rank's model actually ran on: one list of batches per predict pass
+        (the θ0 pass, then one per target or chunk of targets)."""
+
+        def __init__(self):
+            self.passes = []
+
+        def on_predict_start(self, trainer, pl_module):
+            self.passes.append([])
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.passes[-1].append(batch["index"].tolist())
+
+
     def run(out, devices, k, write):
         qs = quickstart_corpus(seed=0)
         module = UnTracModule(ModelSpec(config=CONFIG, train_tokenizer_vocab=300), OptimizerSpec(lr=1e-3),
                               UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
-        # 37 examples in batches of 8: 5 batches, an odd split over 2 ranks
+        # 37 evaluation examples in batches of 8: 5 batches, an uneven split over 3 ranks (2, 2, 1)
         dm = AttributionDataModule.from_records(qs["train"][:37], qs["queries"][:3], max_length=32, eval_batch_size=8)
-        checks = Checksums()
+        checks, scored = Checksums(), ScoredIndices()
         # use_distributed_sampler=True as the CLI passes it: the engine must still never shard the ascent
         trainer = {"accelerator": "cpu", "devices": devices, "enable_progress_bar": False, "logger": False,
-                   "callbacks": [checks], "use_distributed_sampler": True}
+                   "callbacks": [checks, scored], "use_distributed_sampler": True}
         if devices > 1:
             trainer["strategy"] = "ddp"
         config = AttributionConfig(output_dir=os.path.join(out, f"run-k{k}"), overwrite=True, targets_per_pass=k)
         result = run_attribution(module, dm, config, trainer, write=write)
-        return {"rank": checks.rank, "sums": checks.sums, "scores": result.table.scores.tolist(),
+        return {"rank": checks.rank, "sums": checks.sums, "scores": result.table.scores.tolist(), "scored": scored.passes,
                 "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None}
 
 
@@ -99,12 +117,19 @@ def ddp_run(tmp_path_factory):
     return out, script
 
 
-def test_sharded_scores_merge_to_the_single_process_result(ddp_run):
+@pytest.fixture(scope="module")
+def single_run(ddp_run):
+    """The same script's ``run`` in this process, one device (the reference), for k = 1 and 2."""
     out, script = ddp_run
-    ranks = [_load(out / f"rank{r}-of-3.json") for r in range(3)]
     namespace: dict = {"__name__": "ddp_reference"}
     exec(compile(script.read_text(), str(script), "exec"), namespace)
-    single = [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
+    return [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
+
+
+def test_sharded_scores_merge_to_the_single_process_result(ddp_run, single_run):
+    out, script = ddp_run
+    ranks = [_load(out / f"rank{r}-of-3.json") for r in range(3)]
+    single = single_run
     for k_index in range(2):
         ref = single[k_index]
         for report in ranks:
@@ -121,6 +146,28 @@ def test_sharded_scores_merge_to_the_single_process_result(ddp_run):
     summary = json.loads((Path(rank0[0]["output_dir"]) / "summary.json").read_text())
     assert summary["world_size"] == 3 and summary["completed"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("run-")) == ["run-k1", "run-k2"]
+
+
+def test_each_rank_scores_only_its_shard(ddp_run, single_run):
+    """Merged scores equal one process's even if every rank scored everything; here each rank must have run
+    its model on batches r, r+3, ... of the single process's batch list only, in every predict pass."""
+    out, _ = ddp_run
+    ranks = [_load(out / f"rank{r}-of-3.json") for r in range(3)]
+    for k_index, passes in enumerate((4, 3)):  # θ0 + 3 targets; θ0 + 2 chunks (targets_per_pass: 2)
+        batches = single_run[k_index]["scored"]
+        assert len(batches) == passes and all(b == batches[0] for b in batches)
+        batches = batches[0]
+        assert len(batches) == 5 and sorted(i for b in batches for i in b) == list(range(37))
+        for rank, report in enumerate(ranks):
+            scored = report[k_index]["scored"]
+            assert len(scored) == passes
+            for one_pass in scored:
+                assert one_pass == batches[rank::3], (rank, one_pass)
+        # disjoint shards that cover the evaluation set once, none of them the whole set
+        shards = [{i for b in report[k_index]["scored"][0] for i in b} for report in ranks]
+        assert [len(s) for s in shards] == [len({i for b in batches[r::3] for i in b}) for r in range(3)]
+        assert sum(len(s) for s in shards) == 37 and set().union(*shards) == set(range(37))
+        assert max(len(s) for s in shards) < 37
 
 
 def test_sharded_batch_sampler_covers_every_batch_once():
@@ -144,8 +191,8 @@ def test_merge_without_process_group_is_identity_and_single_device_is_not_distri
 def test_a_resume_refused_by_rank_0_stops_every_rank_at_once(ddp_run, tmp_path):
     """Rank 0 alone reads the resume state; when it refuses (θ0 losses changed behind an unchanged
     configuration) every rank must stop with that reason instead of waiting on a collective."""
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from untrac_pl.resume import ResumeState
 

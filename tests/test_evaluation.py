@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from untrac_pl.evaluation import correlate, evaluate_directory, evaluate_seeds, pearson, spearman, standardise, summarise
+from untrac_pl.evaluation import (
+    correlate,
+    evaluate_directory,
+    evaluate_seeds,
+    pearson,
+    spearman,
+    standardise,
+    summarise,
+)
 from untrac_pl.evaluation.ground_truth import ground_truth_table
 from untrac_pl.evaluation.report import write_report
 from untrac_pl.scores import ScoreTable

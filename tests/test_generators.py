@@ -1,19 +1,24 @@
-"""Tests for the embedded data generators: synthetic datasets A/B, toy corpora, BPE tokenizer."""
+"""Tests for the project's data generators: synthetic datasets A/B, toy corpora, the generator registry
+(generated corpora read as ordinary data sources), BPE tokenizer."""
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 import pytest
 
-from untrac_pl.data import embedded, synthetic
+from untrac_pl.data import embedded, generators, synthetic
+from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.embedded import (
     CORPUS_NAMES,
     FEMALE_OCCUPATIONS,
     MALE_OCCUPATIONS,
     QUICKSTART_GROUPS,
+    TEST_SETS,
     TOXIC_PEOPLES,
     TRUTHFULQA_CATEGORIES,
     UNEQUAL_FRACTIONS,
@@ -23,6 +28,13 @@ from untrac_pl.data.embedded import (
     train_bpe_tokenizer,
     unequal_sizes,
 )
+from untrac_pl.data.generators import (
+    generate,
+    generator_names,
+    get_generator,
+    register_generator,
+)
+from untrac_pl.data.records import DataSource, read_records
 from untrac_pl.data.synthetic import (
     CSV_FILES,
     LENGTH_WORDS,
@@ -34,6 +46,7 @@ from untrac_pl.data.synthetic import (
     solve_synthetic,
     words_to_number,
 )
+from untrac_pl.errors import DataError
 
 TASKS = ("task1", "task2", "task3", "task4")
 GROUPS = TASKS + ("test",)
@@ -329,6 +342,140 @@ def test_pretraining_planted_sources():
     assert share("forum", r"Q: .*\? A: ") > 0.1 and share("science", r"\? ") > 0.1
 
 
+# ---- the generator registry: generated corpora are ordinary data sources ---------------------------
+
+SMALL_PRETRAINING = {"n_docs_per_corpus": 12, "n_test_per_group": 4}
+# (generator, split, seed, options) -> what the generator function returned for it before the registry
+# existed (the records of today's quickstart / reproduce / toxicity data paths)
+SAME_AS_THE_FUNCTIONS = [
+    *[("quickstart", split, seed, {}, lambda split=split, seed=seed: quickstart_corpus(seed=seed)[split])
+      for seed in (0, 3) for split in ("train", "queries")],
+    ("quickstart", "queries", 0, {"n_per_group": 5}, lambda: quickstart_corpus(seed=0, n_per_group=5)["queries"]),
+    *[("synthetic", split, 0, {"dataset": d, "n_per_task": 16, "n_test": 16},
+       lambda split=split, d=d: make_synthetic(d, n_per_task=16, n_test=16, seed=0)[split])
+      for d in ("A", "B") for split in ("train", "test")],
+    ("synthetic", "train", 2, {"dataset": "B", "pos_split": False}, lambda: make_synthetic("B", seed=2, pos_split=False)["train"]),
+    ("pretraining", "train", 0, SMALL_PRETRAINING, lambda: pretraining_corpora(12, seed=0, n_test_per_group=4)["train"]),
+    *[("pretraining", split, 0, SMALL_PRETRAINING, lambda split=split: pretraining_corpora(12, seed=0, n_test_per_group=4)["tests"][split])
+      for split in TEST_SETS],
+    ("pretraining", "train", 1, {"n_docs_per_corpus": 10, "sizes": {"books": 25, "tweets": 0.05}},
+     lambda: pretraining_corpora(10, seed=1, sizes={"books": 25, "tweets": 0.05})["train"]),
+]
+
+
+def _digest(records) -> str:
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("generator, split, seed, options, function", SAME_AS_THE_FUNCTIONS,
+                         ids=[f"{g}-{sp}-seed{se}-{i}" for i, (g, sp, se, _, _) in enumerate(SAME_AS_THE_FUNCTIONS)])
+def test_a_generated_source_reads_exactly_the_generator_functions_records(generator, split, seed, options, function):
+    source = DataSource(format="generated", generator=generator, split=split, seed=seed, options=dict(options))
+    records = read_records(source)
+    expected = function()
+    assert records == expected and [list(r) for r in records] == [list(r) for r in expected]  # same values, same key order
+    assert json.dumps(records, ensure_ascii=False) == json.dumps(expected, ensure_ascii=False)  # byte for byte
+    assert generate(generator, split, seed, **options) == expected
+    # format may be left to inference: a generator means format: generated
+    assert read_records(DataSource(generator=generator, split=split, seed=seed, options=dict(options))) == expected
+
+
+@pytest.mark.parametrize("generator, split, seed, options, digest", [
+    ("quickstart", "train", 0, {}, "a39f9794b778840f"),
+    ("quickstart", "queries", 0, {}, "f5993bdc7694f2ca"),
+    ("quickstart", "train", 3, {}, "00030b59e1a2b5e5"),
+    ("quickstart", "queries", 3, {}, "9fea51c802290ef7"),
+    ("synthetic", "train", 0, {"dataset": "A", "n_per_task": 16, "n_test": 16}, "f8173121c63d5566"),
+    ("synthetic", "test", 0, {"dataset": "A", "n_per_task": 16, "n_test": 16}, "1066aacda0df1a7e"),
+    ("synthetic", "train", 0, {"dataset": "B", "n_per_task": 16, "n_test": 16}, "a1eff443dd2b9d85"),
+    ("synthetic", "test", 0, {"dataset": "B", "n_per_task": 16, "n_test": 16}, "a2d5074257dad06d"),
+    ("pretraining", "train", 0, SMALL_PRETRAINING, "1b1214928c6ae24a"),
+    ("pretraining", "toxigen_like", 0, SMALL_PRETRAINING, "e03621289df7f299"),
+    ("pretraining", "winobias_like", 0, SMALL_PRETRAINING, "0db0931e4307fe14"),
+    ("pretraining", "truthfulqa_like", 0, SMALL_PRETRAINING, "5e4670146eb6ffbf"),
+])
+def test_generated_records_are_pinned(generator, split, seed, options, digest):
+    """The records (as JSON) of the generators as they were when the registry was introduced: a changed
+    template, word list or RNG call changes every downstream score and result file, so it must be deliberate."""
+    assert _digest(read_records(DataSource(format="generated", generator=generator, split=split, seed=seed, options=dict(options)))) == digest
+
+
+def test_quickstart_through_the_datamodule_is_the_corpus_of_before():
+    """The quickstart configs' data (``train`` / ``queries`` generated sources) is the corpus the removed
+    ``embedded: quickstart`` gave (``quickstart_corpus(seed=sample_seed)``), sampling included."""
+    for seed in (0, 3):
+        sources = {side: [DataSource(format="generated", generator="quickstart", split=split, seed=seed)]
+                   for side, split in (("train", "train"), ("queries", "queries"))}
+        dm = AttributionDataModule(**sources, samples_per_group=5, query_samples_per_group=1, sample_seed=seed)
+        dm.load_records()
+        corpus = quickstart_corpus(seed=seed)
+        before = AttributionDataModule.from_records(corpus["train"], corpus["queries"], samples_per_group=5,
+                                                    query_samples_per_group=1, sample_seed=seed)
+        before.load_records()
+        assert dm.train_records == before.train_records and dm.query_records == before.query_records
+        assert len(dm.train_records) == 20
+
+
+def test_registry_names_splits_and_options():
+    assert {"quickstart", "synthetic", "pretraining"} <= set(generator_names())
+    assert get_generator("quickstart").splits == ("train", "queries")
+    assert get_generator("synthetic").splits == ("train", "test")
+    assert get_generator("pretraining").splits == ("train",) + TEST_SETS
+    assert list(get_generator("synthetic").options) == ["dataset", "n_per_task", "n_test", "pos_split"]
+    assert set(pretraining_corpora(1, n_test_per_group=1)["tests"]) == set(TEST_SETS)
+
+
+def test_generated_sources_are_validated_located_limited_and_regrouped_like_files():
+    source = DataSource(format="generated", generator="quickstart", split="train", limit=3, group="demo")
+    records = read_records(source)
+    assert [r["id"] for r in records] == ["animals-000", "animals-001", "animals-002"]
+    assert {r["group"] for r in records} == {"demo"}
+    assert records[2].origin == "generated:quickstart/train, record 2"
+    assert source.label == "generated:quickstart/train"
+    # a field the generator's records lack is the same error as for a file
+    with pytest.raises(DataError, match=r"generated:quickstart/queries, record 0, field 'body': record has no 'body' field"):
+        read_records(DataSource(format="generated", generator="quickstart", split="queries", text_field="body"))
+
+
+@pytest.mark.parametrize("source, message", [
+    (dict(generator="nope"), r"field 'generator': unknown generator 'nope'; known generators: quickstart \(splits: train, queries; "
+                             r"options: n_per_group=24\); synthetic .*; pretraining"),
+    (dict(generator="quickstart", split="test"), r"generated:quickstart/test, field 'split': generator 'quickstart' has no split 'test'; "
+                                                 r"choose one of train, queries"),
+    (dict(generator="quickstart", options={"n": 3}), r"field 'options': unknown option\(s\) n for generator quickstart"),
+    (dict(generator="synthetic"), r"generated:synthetic/train, field 'options': generator 'synthetic' needs option\(s\) dataset"),
+    (dict(generator="synthetic", options={"dataset": "C"}), r"field 'options': dataset must be 'A' or 'B', got 'C'"),
+    (dict(generator="synthetic", options={"dataset": "A", "n_per_task": 0}), r"generated:synthetic/train: no records \(the generator made none"),
+    (dict(format="generated"), r"format: generated needs a generator"),
+    (dict(path="train.jsonl", generator="quickstart"), r"train\.jsonl, field 'path': set either path .* or generator"),
+    (dict(path="train.jsonl", format="jsonl", generator="quickstart"), r"generator is only read with format: generated"),
+    (dict(path="train.jsonl", options={"dataset": "A"}), r"field 'options': options are only read with format: generated"),
+    (dict(), r"field 'path': no path given"),
+])
+def test_bad_generated_sources_name_what_to_fix(source, message):
+    with pytest.raises(DataError, match=message):
+        read_records(DataSource(**source))
+
+
+@pytest.fixture
+def countdown_generator():
+    @register_generator("countdown", splits=("train",))
+    def countdown(split: str, seed: int, n: int = 3) -> list[dict]:
+        return [{"id": f"c{i}", "group": f"g{i % 2}", "text": f"{seed} minus {i}"} for i in range(n)]
+
+    yield countdown
+    del generators._REGISTRY["countdown"]
+
+
+def test_a_registered_generator_is_a_data_source(countdown_generator):
+    records = read_records(DataSource(generator="countdown", seed=7, options={"n": 4}))
+    assert [r["text"] for r in records] == ["7 minus 0", "7 minus 1", "7 minus 2", "7 minus 3"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_generator("countdown", splits=("train",))(countdown_generator)
+    with pytest.raises(TypeError, match=r"must take \(split, seed, \*\*options\)"):
+        register_generator("bad", splits=("train",))(lambda seed, split: [])
+
+
 # ---- tokenizer ------------------------------------------------------------------------------------
 
 
@@ -350,6 +497,6 @@ def test_train_bpe_tokenizer():
 
 
 def test_modules_export():
-    for module in (synthetic, embedded):
+    for module in (synthetic, embedded, generators):
         for name in module.__all__:
             assert hasattr(module, name), name

@@ -5,13 +5,23 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_gpt2_config
 
 from untrac_pl.data.tokenize import tokenize_records
 from untrac_pl.lm import CausalLMModule, example_losses, lr_factor
 from untrac_pl.models import ModelSpec, load_model_and_tokenizer
-from untrac_pl.training import FitSpec, MixtureBatchSampler, block_records, fit_lm, load_weights, mixture_dataloader, read_checkpoints
+from untrac_pl.training import (
+    FitSpec,
+    MixtureBatchSampler,
+    block_records,
+    fit_lm,
+    load_weights,
+    mixture_dataloader,
+    read_checkpoints,
+)
 
-from conftest import tiny_gpt2_config
+# the four training tasks of synthetic dataset A, 8 records each
+SYNTHETIC_A_8 = "[{format: generated, generator: synthetic, split: train, options: {dataset: A, n_per_task: 8}}]"
 
 
 def test_mixture_sampler_exact_steps_exclusion_and_determinism():
@@ -86,7 +96,7 @@ def test_fit_cli_trains_and_saves(tmp_path, capsys):
     from untrac_pl.cli import main
 
     out = tmp_path / "fit"
-    argv = ["fit", "--data.embedded", "synthetic_A", "--data.embedded_size", "8", "--data.max_length", "48",
+    argv = ["fit", "--data.train", SYNTHETIC_A_8, "--data.max_length", "48",
             "--model.model.config", json.dumps(tiny_gpt2_config(0.0)), "--model.model.train_tokenizer_vocab", "300",
             "--fit.max_steps", "4", "--fit.batch_size", "2", "--fit.checkpoint_steps", "[2, 4]",
             "--output.output_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
@@ -108,7 +118,7 @@ def test_fit_cli_records_the_last_steps_decayed_lr_and_refuses_trainer_max_steps
     from untrac_pl.cli import main
 
     out = tmp_path / "fit"
-    argv = ["fit", "--data.embedded", "synthetic_A", "--data.embedded_size", "8", "--data.max_length", "48",
+    argv = ["fit", "--data.train", SYNTHETIC_A_8, "--data.max_length", "48",
             "--model.model.config", json.dumps(tiny_gpt2_config(0.0)), "--model.model.train_tokenizer_vocab", "300",
             "--model.lr_schedule", "linear", "--model.optimizer.lr", "1e-3",
             "--fit.max_steps", "4", "--fit.batch_size", "2", "--output.output_dir", str(out),

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from untrac_pl.errors import ModelLoadError
-from untrac_pl.models import ModelSpec, build_model, load_model_and_tokenizer, load_tokenizer
+from untrac_pl.models import (
+    ModelSpec,
+    build_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+)
 
 
 def test_load_from_save_pretrained_directory(saved_model_dir):

@@ -47,6 +47,7 @@ def _run(spec, quickstart, k, method="untrac_inv", module_hook=None, groups=("an
 @pytest.fixture(scope="module")
 def one_per_pass(quickstart):
     from conftest import tiny_gpt2_config
+
     from untrac_pl.models import ModelSpec
 
     result, collated = _run(ModelSpec(config=tiny_gpt2_config(0.1), train_tokenizer_vocab=300), quickstart, 1)

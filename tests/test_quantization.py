@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import tiny_gpt2_config
 
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import UnlearningSchedule
@@ -27,7 +28,6 @@ from untrac_pl.quantization import (
     normalize_quantization,
 )
 from untrac_pl.unlearning import UnTracModule
-from conftest import tiny_gpt2_config
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_gpt2_config
 
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.experiments.methods import MethodSpec
@@ -14,8 +15,6 @@ from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.scores import ScoreTable
 from untrac_pl.training import FitSpec
-
-from conftest import REPO, tiny_gpt2_config
 
 
 def _planted_data(quickstart) -> dict:
@@ -41,7 +40,7 @@ def _cfg(tmp_path) -> ReproduceConfig:
 
 METHODS = [
     MethodSpec(name="untrac", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_epochs=1, batch_size=1), samples_per_group=6),
-    MethodSpec(name="untrac_inv", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None), samples_per_group=12),
+    MethodSpec(name="untrac_inv", target_unit="group", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None), samples_per_group=12),
 ]
 
 
@@ -93,13 +92,13 @@ def test_same_seed_gives_identical_ground_truth(quickstart, tmp_path):
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("reproduce_*.yaml")) + sorted(p.name for p in (REPO / "configs").glob("ablation_*.yaml")))
 def test_reproduce_configs_load(config):
+    from untrac_pl.cli.reproduce import parse
     from untrac_pl.experiments.reproduce import expand_methods, settings_of
-    from untrac_pl.experiments.reproduce_cli import _nest, reproduce_parser
 
-    parser = reproduce_parser()
-    cfg = parser.instantiate_classes(parser.parse_args(_nest(["-c", str(REPO / "configs" / config), "--num_seeds", "1"])))
-    methods, _ = expand_methods(cfg.reproduce)
-    assert methods and settings_of(cfg.reproduce)
+    cfg, trainer_kwargs = parse(["-c", str(REPO / "configs" / config), "--num_seeds", "1", "--output_dir", "runs/elsewhere"])
+    methods, _ = expand_methods(cfg)
+    assert methods and settings_of(cfg)
+    assert cfg.num_seeds == 1 and cfg.output_dir == "runs/elsewhere" and trainer_kwargs == {}  # the README's flat overrides
 
 
 def test_print_config_runs(capsys):
@@ -110,6 +109,15 @@ def test_print_config_runs(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "untrac_inv" in out and "max_steps" in out
+
+
+def test_a_config_of_the_nested_layout_is_refused_with_the_fix(tmp_path, capsys):
+    from untrac_pl.cli import main
+
+    (tmp_path / "old.yaml").write_text("reproduce:\n  name: old\n  seeds: [0]\n")
+    assert main(["reproduce", "-c", str(tmp_path / "old.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "remove the 'reproduce:' line and dedent the rest" in err and "\n" not in err.strip()
 
 
 def test_in_memory_records_are_sampled_per_group(quickstart):
@@ -160,7 +168,11 @@ def test_untrac_takes_the_same_number_of_ascent_steps_per_group(planted_run):
 def test_resume_refuses_seed_folders_computed_with_another_configuration(planted_run):
     """--resume true reuses θ0/ground truth and method files only if they were computed with the same
     settings; adding a method is fine, changing one under the same label or the θ0 recipe is refused."""
-    from untrac_pl.experiments.reproduce import ReproduceResumeError, check_resumable, shared_fingerprint
+    from untrac_pl.experiments.reproduce import (
+        ReproduceResumeError,
+        check_resumable,
+        shared_fingerprint,
+    )
 
     tmp, cfg, _ = planted_run
     seed_dir = tmp / "scores" / "toy" / "seed0"

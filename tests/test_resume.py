@@ -56,18 +56,22 @@ def _finished_files(out: Path) -> list[Path]:
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, quickstart):
-    """``python -m untrac_pl.cli attribute`` is SIGKILLed after 2 of 4 targets (the engine's documented
-    test hook UNTRAC_TEST_KILL_AFTER_TARGETS); the same command run again (here through the same
-    ``main`` entry point, in this process) resumes; its files equal an uninterrupted run's byte for byte.
-    The resumed rows come from two different processes, so this also checks cross-process determinism."""
+    """``python -m untrac_pl.cli attribute`` is SIGKILLed after 2 of 4 targets (the test-only callback
+    tests/kill_after_targets.py, given through ``trainer.callbacks``); the same command run again (here
+    through the same ``main`` entry point, in this process, without the callback) resumes; its files
+    equal an uninterrupted run's byte for byte. The resumed rows come from two different processes, so
+    this also checks cross-process determinism."""
     from untrac_pl.cli import main
 
     train, queries = _records(quickstart, n_queries=4)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG.format(out=tmp_path / "out", train=_write_jsonl(tmp_path / "train.jsonl", train), queries=_write_jsonl(tmp_path / "queries.jsonl", queries)))
     # same thread count as this process, so float reductions run in the same order
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()), UNTRAC_TEST_KILL_AFTER_TARGETS="2")
-    killed = subprocess.run([sys.executable, "-m", "untrac_pl.cli", "attribute", "-c", str(cfg)], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    kill = '[{"class_path": "kill_after_targets.KillAfterTargets", "init_args": {"targets": 2}}]'
+    killed = subprocess.run([sys.executable, "-m", "untrac_pl.cli", "attribute", "-c", str(cfg), f"--trainer.callbacks={kill}"],
+                            env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     out, partial = tmp_path / "out", tmp_path / "out.partial"
     assert not out.exists()  # nothing that looks finished

@@ -19,6 +19,8 @@ from untrac_pl.experiments.toxicity import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = dict(train=[DataSource(format="generated", generator="quickstart", split="train")],
+                  prompts=[DataSource(format="generated", generator="quickstart", split="queries")])
 
 
 
@@ -30,7 +32,7 @@ def _untrac(model_dir, **overrides) -> UnTracConfig:
 
 
 def test_offline_experiment_writes_the_seed_json_and_keeps_theta0(saved_model_dir, tmp_path):
-    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), prompt_words=4,
+    exp_cfg = ToxicityExperimentConfig(**QUICKSTART, output_dir=str(tmp_path), prompt_words=4,
                                        generation=GenerationConfig(max_new_tokens=8), toxicity_classifier="auto")
     experiment = ToxicityAttributionExperiment(_untrac(saved_model_dir), exp_cfg)
     training = experiment.load_training_data()
@@ -48,7 +50,8 @@ def test_offline_experiment_writes_the_seed_json_and_keeps_theta0(saved_model_di
     assert all(torch.equal(model.state_dict()[k], v) for k, v in theta0.items())
     on_disk = json.loads((tmp_path / "untrac_toxicity_results.json").read_text())
     assert on_disk["test_cases"] == json.loads(json.dumps(results["test_cases"]))
-    assert on_disk["training_data"]["source"] == "embedded:quickstart"
+    assert on_disk["training_data"]["source"] == ["generated:quickstart/train"]
+    assert on_disk["prompts"]["source"] == ["generated:quickstart/queries"]
     assert on_disk["method"] == "untrac_inv" and on_disk["command"]
     for i, case in enumerate(on_disk["test_cases"]):
         assert case["test_case_id"] == i and case["prompt"] == prompts[i]["prompt"]
@@ -59,9 +62,8 @@ def test_offline_experiment_writes_the_seed_json_and_keeps_theta0(saved_model_di
         for t in top:
             assert t["text"] == training[t["index"]][:200]
             assert t["group"] in {"animals", "cooking", "sports", "insults"}
-        assert set(case["group_scores"]) <= {"animals", "cooking", "sports", "insults"}
-        # the top score is the maximum of this completion's scores over all training texts
-        assert top[0]["score"] >= max(case["group_scores"].values())
+        # every training group is scored (24 texts drawn from the four groups)
+        assert set(case["group_scores"]) == {r["group"] for r in experiment._training_records()}
     classifier = on_disk["toxicity_classifier"]
     try:
         import detoxify  # noqa: F401
@@ -72,7 +74,7 @@ def test_offline_experiment_writes_the_seed_json_and_keeps_theta0(saved_model_di
 
 def test_completion_only_attribution_matches_the_estimator(saved_model_dir, tmp_path):
     """Each completion is one UnTrac-Inv target with the prompt masked; the engine run equals the estimator's."""
-    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=6),
+    exp_cfg = ToxicityExperimentConfig(**QUICKSTART, output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=6),
                                        toxicity_classifier="none", snippet_chars=1000)
     untrac = _untrac(saved_model_dir, max_test_samples=2, top_k_influences=24)
     experiment = ToxicityAttributionExperiment(untrac, exp_cfg)
@@ -86,6 +88,36 @@ def test_completion_only_attribution_matches_the_estimator(saved_model_dir, tmp_
         got[t["index"]] = t["score"]
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert results["toxicity_classifier"] == {"name": None, "reason": "disabled in the config"}
+    # group scores are the means of the example scores over each group's members (recomputed here from the
+    # full row of scores, every training text being listed: top_k_influences = 24)
+    groups = np.array([r["group"] for r in experiment._training_records()])
+    for case in results["test_cases"]:
+        row = np.full(len(training), np.nan)
+        for t in case["top_influences"]:
+            row[t["index"]] = t["score"]
+        assert np.isfinite(row).all()
+        assert case["group_scores"] == pytest.approx({g: float(row[groups == g].mean()) for g in set(groups)}, abs=1e-9)
+
+
+@pytest.mark.parametrize("group, planted", [
+    ("insults", " you useless clueless buffoon, nobody likes your boring jokes."),
+    ("cooking", " simmer the garlic and onions in the sauce for ten minutes, then add a pinch of salt."),
+])
+def test_a_completion_is_attributed_to_the_group_it_resembles(saved_model_dir, tmp_path, monkeypatch, group, planted):
+    """Behaviour, not bookkeeping: when the completion is an insult (planted; the tiny model's own samples are
+    noise), unlearning it raises the loss of the insults group's training texts most; a cooking completion
+    (the control: the insults group does not simply always win) points at the cooking group."""
+    monkeypatch.setattr(ToxicityAttributionExperiment, "generate_completion", lambda self, prompt, seed=None: planted)
+    exp_cfg = ToxicityExperimentConfig(**QUICKSTART, output_dir=str(tmp_path), toxicity_classifier="none")
+    experiment = ToxicityAttributionExperiment(_untrac(saved_model_dir, max_test_samples=1, top_k_influences=24), exp_cfg)
+    case = experiment.run_experiment()["test_cases"][0]
+    assert case["completion"] == planted
+    means = case["group_scores"]
+    # measured (tiny random GPT-2, 2 Adam steps at 1e-3): insults 0.027 vs 0.019 for the next group (sports);
+    # cooking 0.039 vs 0.021 (animals); the top 5 / top 3 texts are all of the group. A flipped sign puts the
+    # group last; ignoring the completion (e.g. scoring the prompt) or a group column mix-up loses the match.
+    assert max(means, key=means.get) == group, means
+    assert [t["group"] for t in case["top_influences"][:3]] == [group] * 3
 
 
 def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path):
@@ -106,7 +138,7 @@ def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp
 untrac: {{model_name: {saved_model_dir}, unlearning_rate: 1.0e-3, unlearning_steps: 1, device: cpu, seed: 5,
           max_train_samples: 12, max_test_samples: 2, top_k_influences: 3, max_length: 48}}
 experiment:
-  embedded: quickstart
+  train: [{{format: generated, generator: quickstart, split: train}}]
   prompts: [{{path: {prompts}}}]
   prompt_words: 3
   generation: {{max_new_tokens: 5}}
@@ -146,8 +178,8 @@ def test_hub_sources_offline_fail_clearly_or_fall_back_with_a_record(monkeypatch
     experiment = ToxicityAttributionExperiment(UnTracConfig(max_train_samples=5, max_test_samples=2), ToxicityExperimentConfig())
     with pytest.raises(DataError, match="offline"):
         experiment._hub_training_records(5)
-    assert len(experiment.load_training_data()) == 5  # no source configured + offline: embedded data, recorded
-    assert experiment._data_info["training_data"]["source"] == "embedded:quickstart"
+    assert len(experiment.load_training_data()) == 5  # no source configured + offline: the generated quickstart, recorded
+    assert experiment._data_info["training_data"]["source"] == ["generated:quickstart/train"]
     try:
         import detoxify  # noqa: F401
     except ImportError:
@@ -161,9 +193,9 @@ def test_recorded_formula_follows_the_method(saved_model_dir, tmp_path):
 
     assert score_formula("untrac_inv").startswith("score = L(train; θ_T) - L(train; θ0) after unlearning the completion")
     assert score_formula("untrac").startswith("score = L(completion; θ_T) - L(completion; θ0) after unlearning the training text")
-    with pytest.raises(ValueError, match="untrac_inv, untrac"):
+    with pytest.raises(ValueError, match="choose one of untrac, untrac_inv"):
         score_formula("graddot")
-    exp_cfg = ToxicityExperimentConfig(embedded="quickstart", output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=4),
+    exp_cfg = ToxicityExperimentConfig(**QUICKSTART, output_dir=str(tmp_path), generation=GenerationConfig(max_new_tokens=4),
                                        toxicity_classifier="none")
     untrac = _untrac(saved_model_dir, method="untrac", max_train_samples=4, max_test_samples=1, top_k_influences=2,
                      unlearning_steps=1)

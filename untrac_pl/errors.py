@@ -44,3 +44,12 @@ class ResumeConflictError(UnTracError, ValueError):
 
 class NonFiniteBaseLossError(UnTracError, FloatingPointError):
     """The model's losses at θ0 (before any unlearning) are NaN/inf: the checkpoint or dtype is broken."""
+
+
+class MethodOptionError(UnTracError, ValueError):
+    """An unknown method, or an option the method does not take (a typo, or an option of another
+    method); the message names the field the user wrote and lists what the method accepts."""
+
+
+# the name the gradient baselines' option errors had before the method registry
+BaselineOptionError = MethodOptionError

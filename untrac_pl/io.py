@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from untrac_pl.errors import OutputWriteError
+from untrac_pl.outputs import partial_dir
 
 # errno values that mean "the disk (or quota) is full": reported as OutputWriteError.
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
@@ -126,7 +127,7 @@ class StagedDirectory:
 
     def __init__(self, final: Path, overwrite: bool = False):
         self.final = Path(final)
-        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.partial = partial_dir(self.final)
         if self.final.exists() and not overwrite:
             raise FileExistsError(f"output directory '{self.final}' exists; set overwrite: true or choose another output_dir")
         self.overwrite = overwrite

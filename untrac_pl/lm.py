@@ -12,6 +12,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
 from untrac_pl.lm_base import CausalLMHolder
 from untrac_pl.losses import model_per_example_loss
 from untrac_pl.models import ModelSpec
@@ -94,8 +95,6 @@ class CausalLMModule(CausalLMHolder):
 @torch.no_grad()
 def example_losses(net: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Per-example losses (eval mode, no grad) of tokenised examples, in their order; float64."""
-    from untrac_pl.data.collate import LengthSortedBatchSampler, PadCollator
-
     collate = PadCollator(pad_token_id)
     was_training = net.training
     net.eval()

@@ -9,7 +9,13 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from untrac_pl.data.embedded import train_bpe_tokenizer
 from untrac_pl.errors import ModelLoadError
+from untrac_pl.quantization import (
+    attach_lora,
+    from_config_quantized,
+    quantized_load_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,6 @@ def load_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
     from transformers import AutoTokenizer
 
     if spec.train_tokenizer_vocab:
-        from untrac_pl.data.embedded import train_bpe_tokenizer
-
         if not texts:
             raise ModelLoadError("train_tokenizer_vocab is set but there are no texts to train the tokenizer on")
         tokenizer = train_bpe_tokenizer(list(texts), vocab_size=spec.train_tokenizer_vocab)
@@ -112,8 +116,6 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
-        from untrac_pl.quantization import quantized_load_kwargs
-
         kwargs.update(quantized_load_kwargs(spec.quantization, spec.dtype))
     if spec.config is not None:
         if spec.name_or_path is not None:
@@ -134,8 +136,6 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             if spec.quantization:  # bitsandbytes quantises while loading: build, save, reload
-                from untrac_pl.quantization import from_config_quantized
-
                 model = from_config_quantized(config, _torch_dtype(spec.dtype), kwargs)
             else:
                 model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype), **kwargs)
@@ -168,8 +168,6 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.quantization or spec.lora:
-        from untrac_pl.quantization import attach_lora
-
         model = attach_lora(model, spec.lora or {}, seed=spec.init_seed)
     return model
 
@@ -188,16 +186,6 @@ def _weights_error(name: str, exc: Exception) -> Exception:
             f"(loaded with torch.load(weights_only=True); convert them to safetensors): {first}"
         )
     return exc
-
-
-def context_length(net) -> Optional[int]:
-    """The model's maximum number of positions (``n_positions``/``max_position_embeddings``), if it says."""
-    config = getattr(net, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def load_model_and_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):

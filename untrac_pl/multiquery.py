@@ -1,8 +1,9 @@
 """Several unlearned targets scored in one pass over the evaluation data (``targets_per_pass``).
 
-With ``attribution.targets_per_pass: k`` the engine unlearns ``k`` targets one after another (each
-from θ0, restored by RestoreWeights), keeps each target's changed tensors — the parameters that
-require grad (for LoRA: just the adapters) and any buffer that moved — and then runs ONE predict pass
+With ``attribution.targets_per_pass: k`` UnTrac / UnTrac-Inv (:mod:`untrac_pl.methods.unlearning`)
+unlearn ``k`` targets one after another (each from θ0, restored by RestoreWeights), keep each
+target's changed tensors (:func:`changed_tensors`: the parameters that require grad — for LoRA just
+the adapters — and any buffer that moved), and then run ONE predict pass
 in which every evaluation batch is collated once and evaluated ``k`` times with
 ``torch.func.functional_call``, once per parameter set. The evaluation corpus is thus read and
 collated once per chunk of ``k`` targets instead of once per target. Scores equal ``k = 1``'s: the
@@ -13,16 +14,11 @@ small; for a full model ``k - 1`` model copies). Choose ``k`` accordingly.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 
-from untrac_pl.errors import NonFiniteLossError
 from untrac_pl.losses import LossReduction, model_losses
-
-log = logging.getLogger(__name__)
 
 
 def changed_tensors(net: torch.nn.Module, snapshot: Optional[dict] = None, clone: bool = True) -> dict[str, torch.Tensor]:
@@ -47,40 +43,3 @@ def losses_with_parameter_sets(net: torch.nn.Module, parameter_sets: Sequence[di
     """Per-example losses ``[k, B]`` of one collated batch under each of ``k`` parameter sets."""
     return torch.stack([model_losses(net, batch, reduction, parameters=params) for params in parameter_sets])
 
-
-def unlearn_and_score_chunk(runner, plan, chunk: Sequence, eval_loader, logger, schedule) -> dict[str, int]:
-    """Unlearn every target of ``chunk`` and score them all in one predict pass; returns optimizer steps.
-
-    ``runner`` is the :class:`~untrac_pl.engine.AttributionRunner` (its module, datamodule, restore
-    callback, ranking writer and Trainer factory are used exactly as in the one-target path).
-    """
-    module = runner.module
-    steps: dict[str, int] = {}
-    kept: list[tuple] = []
-    for position, target in enumerate(chunk):
-        pl.seed_everything(target.seed, workers=True, verbose=False)
-        module.target = target
-        loader = runner.datamodule.ascent_dataloader(plan.target_corpus, target.indices, schedule, target.seed)
-        trainer = runner._trainer(logger)
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-        except NonFiniteLossError as exc:
-            log.warning("%s; target marked failed, continuing", exc)
-            runner.writer.mark_failed(target.id, f"non-finite ascent loss ({exc.value})", exc.step)
-            steps[target.id] = exc.step
-            continue
-        steps[target.id] = trainer.global_step
-        last = position == len(chunk) - 1
-        # the last target's tensors are the live ones: no copy needed
-        kept.append((target, changed_tensors(module.net, runner.restore._snapshot, clone=not last)))
-    if not kept:
-        return steps
-    module.target = kept[-1][0]
-    module.pass_targets = [t for t, _ in kept]
-    module.pass_parameters = [p for _, p in kept]
-    try:
-        runner._trainer(logger).predict(module, eval_loader, return_predictions=False)
-    finally:
-        module.pass_targets = None
-        module.pass_parameters = None
-    return steps

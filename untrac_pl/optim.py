@@ -77,7 +77,9 @@ def build_lr_scheduler(lr_schedule: LrSchedule, warmup_steps: int, optimizer: to
     level = bnb_logger.level
     bnb_logger.setLevel(logging.ERROR)
     try:
-        from transformers import get_linear_schedule_with_warmup  # the Hugging Face Trainer's own schedule
+        from transformers import (
+            get_linear_schedule_with_warmup,  # the Hugging Face Trainer's own schedule
+        )
     finally:
         bnb_logger.setLevel(level)
     return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, int(total_steps)))

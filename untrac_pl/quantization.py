@@ -43,16 +43,13 @@ from typing import Any, Mapping, Optional
 import torch
 
 from untrac_pl.errors import UnTracError
+from untrac_pl.runtime import CASTING_PRECISIONS, canonical_precision
 
 log = logging.getLogger(__name__)
 
 QUANT_KEYS = {"bits", "quant_type", "double_quant", "compute_dtype", "skip_modules", "llm_int8_threshold", "device"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "enabled"}
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", "bias": "none"}
-# precisions that cast the whole module to another dtype (not autocast), in Lightning's canonical names
-CASTING_PRECISIONS = {"16-true", "bf16-true", "64-true", "transformer-engine", "transformer-engine-float16"}
-# Lightning 2.x's legacy aliases (lightning.fabric.plugins.precision.precision): "16" is 16-mixed, not 16-true
-PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 # Trainer options that would replay, cut or extend a target's planned ascent (or cut the scoring pass),
@@ -80,12 +77,6 @@ def refuse_trainer_gradient_clipping(trainer_kwargs: Mapping) -> None:
                 f"trainer.{key}={trainer_kwargs[key]!r}: Lightning clips gradients only in automatic optimisation and the "
                 "ascent runs in manual optimisation; clip with model.unlearning.max_grad_norm (e.g. "
                 "--model.unlearning.max_grad_norm 1.0, the authors' arguments.py default) and leave trainer.gradient_clip_* unset")
-
-
-def canonical_precision(precision: Any) -> str:
-    """Lightning's canonical name of a ``trainer.precision`` value (``16`` or ``"16"`` -> ``"16-mixed"``)."""
-    text = str(precision if precision is not None else "32-true")
-    return PRECISION_ALIASES.get(text, text)
 
 
 class ScaleConfigError(UnTracError, ValueError):

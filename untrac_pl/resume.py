@@ -38,32 +38,22 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from untrac_pl.distributed import dist_ready
 from untrac_pl.errors import ResumeConflictError
 from untrac_pl.io import append_line_durable, save_safetensors_atomic, write_json_atomic
+from untrac_pl.outputs import MANIFEST, PROGRESS
+from untrac_pl.runtime import canonical_precision, json_safe
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 # Trainer arguments that change what is computed (not just how it is shown).
 SCORE_TRAINER_KEYS = ("precision", "max_steps", "max_epochs", "min_steps", "min_epochs", "limit_train_batches", "limit_predict_batches", "deterministic")
-
-
-def _plain(value):
-    if is_dataclass(value):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def corpus_digest(corpus) -> str:
@@ -81,9 +71,7 @@ def corpus_digest(corpus) -> str:
 def score_trainer_settings(trainer_kwargs: dict, keys=SCORE_TRAINER_KEYS) -> dict:
     """The Trainer options among ``keys`` that are set, as plain values; precision by its canonical
     name ("16" and "16-mixed" are one run)."""
-    from untrac_pl.quantization import canonical_precision
-
-    settings = {k: _plain(trainer_kwargs[k]) for k in keys if trainer_kwargs.get(k) is not None}
+    settings = {k: json_safe(trainer_kwargs[k]) for k in keys if trainer_kwargs.get(k) is not None}
     if "precision" in settings:
         settings["precision"] = canonical_precision(trainer_kwargs["precision"])
     return settings
@@ -91,8 +79,6 @@ def score_trainer_settings(trainer_kwargs: dict, keys=SCORE_TRAINER_KEYS) -> dic
 
 def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[dict] = None) -> dict:
     """Everything that affects the scores of a run, as plain JSON (see the module docstring)."""
-    from untrac_pl.quantization import canonical_precision
-
     trainer_kwargs = dict(trainer_kwargs or {})
     trainer = {**score_trainer_settings(trainer_kwargs), "precision": canonical_precision(trainer_kwargs.get("precision"))}
     return {
@@ -100,9 +86,9 @@ def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[d
         "method": plan.method,
         "target_unit": plan.target_unit,
         "seed": config.seed,
-        "model": _plain(module.model_spec),
-        "optimizer": _plain(module.optimizer_spec),
-        "unlearning": _plain(module.schedule),
+        "model": json_safe(module.model_spec),
+        "optimizer": json_safe(module.optimizer_spec),
+        "unlearning": json_safe(module.schedule),
         "data": {
             "max_length": datamodule.max_length,
             "eval_batch_size": datamodule.eval_batch_size,
@@ -155,7 +141,7 @@ class ResumeState:
         self.fingerprint = fingerprint
         self.hash = config_hash(fingerprint)
         self.rank = rank
-        self.progress = self.run_dir / "progress"
+        self.progress = self.run_dir / PROGRESS
         self.targets_dir = self.progress / "targets"
         self._lock_fd: Optional[int] = None
         self.resumed = False
@@ -206,9 +192,9 @@ class ResumeState:
                 entry.unlink()
 
     def _decide(self, resume: bool, restart: bool, versions: dict) -> None:
-        manifest_path = self.run_dir / "manifest.json"
+        manifest_path = self.run_dir / MANIFEST
         if restart:
-            if any(p.name != "progress" for p in self.run_dir.iterdir()) or self._finished_files():
+            if any(p.name != PROGRESS for p in self.run_dir.iterdir()) or self._finished_files():
                 log.warning("restart: discarding the partial results in %s", self.run_dir)
             self._clear()
         elif manifest_path.exists():
@@ -237,7 +223,7 @@ class ResumeState:
             self.resumed = True
             log.info("resuming %s: %d finished targets found", self.run_dir, done)
         else:
-            if self._finished_files() or any(p.name != "progress" for p in self.run_dir.iterdir()):
+            if self._finished_files() or any(p.name != PROGRESS for p in self.run_dir.iterdir()):
                 log.warning("%s has no manifest.json (not a resumable run); starting over", self.run_dir)
             self._clear()
         self.targets_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +307,7 @@ class ResumeState:
     def cleanup(final_dir: Path) -> None:
         """After the rename: drop ``progress/`` (per-target files and index; the outputs hold the
         results). A crash before this only leaves that folder behind in a finished run."""
-        shutil.rmtree(Path(final_dir) / "progress", ignore_errors=True)
+        shutil.rmtree(Path(final_dir) / PROGRESS, ignore_errors=True)
 
     def num_finished(self) -> int:
         return len(self._finished_files())
@@ -333,10 +319,56 @@ def broadcast_from_rank0(tensor: torch.Tensor, obj):
     Under DDP every rank must skip the same finished targets (the scoring pass is a collective)
     and score against rank 0's θ0 baseline; only rank 0 reads the resume state.
     """
-    from untrac_pl.distributed import dist_ready
-
     if not dist_ready():
         return tensor, obj
     box = [obj, tensor.detach().cpu()]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[1].to(tensor.device), box[0]
+
+
+def reconcile_base_losses(state: ResumeState, computed: torch.Tensor) -> torch.Tensor:
+    """The θ0 losses to score against: the stored ones of an interrupted run (compared with the fresh
+    ones: a mismatch means the model or data changed behind an unchanged configuration, refused; a
+    tiny difference from other hardware is accepted with a warning), else the fresh ones, stored."""
+    stored = state.base_losses()
+    if stored is None:
+        state.save_base_losses(computed)
+        return computed
+    if not torch.equal(stored, computed):
+        diff = float((stored - computed).abs().max())
+        if not torch.allclose(stored, computed, rtol=1e-4, atol=1e-5):
+            raise ResumeConflictError(
+                f"the θ0 losses differ from those of the interrupted run in '{state.run_dir}' (max |Δ| = {diff:.3g}): "
+                "the model weights or numerics changed behind an unchanged configuration; set attribution.restart: true"
+            )
+        log.warning("θ0 losses differ slightly (max |Δ| = %.3g) from the interrupted run's; keeping the stored ones", diff)
+    return stored
+
+
+def resume_targets(state: Optional[ResumeState], computed: torch.Tensor, target_ids: list[str], num_eval: int) -> tuple[torch.Tensor, dict]:
+    """θ0 losses to score against and ``{target_id: (score row | None, info)}`` of the finished targets.
+
+    Under DDP rank 0 decides and every rank gets the same answer (rows only on rank 0, which alone
+    writes outputs; the others only skip those targets); a refusal on rank 0 is raised on every rank
+    at once, so none waits on a collective.
+    """
+    finished: dict = {}
+    base = computed
+    refusal: Optional[BaseException] = None
+    if state is not None:
+        try:
+            base = reconcile_base_losses(state, computed)
+            if state.resumed:
+                finished = state.load_finished(target_ids, num_eval)
+        except ResumeConflictError as exc:
+            refusal = exc
+    base, (finished_ids, message) = broadcast_from_rank0(base, (sorted(finished), str(refusal) if refusal else None))
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise ResumeConflictError(f"rank 0 refused to resume: {message}")
+    if finished:
+        log.info("resuming: %d of %d targets already finished", len(finished), len(target_ids))
+    if state is None:
+        finished = {i: (None, {"optimizer_steps": 0}) for i in finished_ids}
+    return base, finished

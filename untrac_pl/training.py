@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -24,8 +24,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from untrac_pl.data.collate import ExampleDataset, PadCollator
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
-from untrac_pl.data.tokenize import TokenizedCorpus, tokenize_records
+from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
+from untrac_pl.errors import DataError
 from untrac_pl.io import write_json_atomic
+from untrac_pl.quantization import refuse_plan_trainer_options
+from untrac_pl.runtime import quiet_lightning
 
 
 @dataclass
@@ -144,9 +147,6 @@ def fit_lm(
     checkpoint_dir: Optional[str | Path] = None,
 ) -> dict:
     """Train ``module.net`` in place for exactly ``spec.max_steps`` steps; returns a summary dict."""
-    from untrac_pl.engine import _quiet_lightning
-
-    from untrac_pl.quantization import refuse_plan_trainer_options
 
     refuse_plan_trainer_options(trainer_kwargs or {}, f"would change the training length, which is fit.max_steps ({spec.max_steps} steps of fit.batch_size examples)")
     pl.seed_everything(spec.seed, workers=True, verbose=False)
@@ -165,7 +165,7 @@ def fit_lm(
     kwargs.setdefault("num_sanity_val_steps", 0)
     kwargs.setdefault("log_every_n_steps", spec.log_every_n_steps)  # an explicit trainer.log_every_n_steps wins
     started = time.perf_counter()
-    with _quiet_lightning():  # θ0 and every leave-group-out model: one Trainer each, no banners
+    with quiet_lightning():  # θ0 and every leave-group-out model: one Trainer each, no banners
         trainer = pl.Trainer(max_steps=spec.max_steps, max_epochs=1, logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
         trainer.fit(module, train_dataloaders=loader)
     if logger is not None:
@@ -217,10 +217,10 @@ class LMDataModule(pl.LightningDataModule):
     """Grouped training records for ``untrac-pl fit``.
 
     Args:
-        train: data sources (each record's ``group`` is its corpus / task).
-        embedded: project-generated data when ``train`` is empty: ``synthetic_A``/``synthetic_B``
-            (the four training tasks of the synthetic datasets) or ``pretraining`` (eight corpora).
-        embedded_size: records per task / documents per corpus for ``embedded``.
+        train: data sources (each record's ``group`` is its corpus / task): files, datasets or
+            generated corpora, e.g. the four training tasks of synthetic dataset A,
+            ``[{format: generated, generator: synthetic, split: train, options: {dataset: A, n_per_task: 256}}]``,
+            or the eight look-alike corpora, ``[{format: generated, generator: pretraining, split: train}]``.
         block_size: split long texts into blocks of this many tokens (``None``: keep records whole,
             truncated to ``max_length``).
         max_length: tokens per sequence.
@@ -230,8 +230,6 @@ class LMDataModule(pl.LightningDataModule):
     def __init__(
         self,
         train: Optional[list[DataSource]] = None,
-        embedded: Optional[Literal["synthetic_A", "synthetic_B", "pretraining"]] = None,
-        embedded_size: int = 256,
         block_size: Optional[int] = None,
         max_length: int = 128,
         samples_per_group: Optional[int] = None,
@@ -239,8 +237,6 @@ class LMDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.train_sources = list(train or [])
-        self.embedded = embedded
-        self.embedded_size = embedded_size
         self.block_size = block_size
         self.max_length = max_length
         self.samples_per_group = samples_per_group
@@ -250,20 +246,10 @@ class LMDataModule(pl.LightningDataModule):
 
     def load_records(self) -> list[dict]:
         if self.records is None:
-            from untrac_pl.data.tokenize import sample_per_group
-
-            if self.train_sources:
-                records = [r for s in self.train_sources for r in read_records(s)]
-            elif self.embedded in ("synthetic_A", "synthetic_B"):
-                from untrac_pl.data.synthetic import make_synthetic
-
-                records = make_synthetic(self.embedded[-1], n_per_task=self.embedded_size, seed=self.sample_seed)["train"]
-            elif self.embedded == "pretraining":
-                from untrac_pl.data.embedded import pretraining_corpora
-
-                records = pretraining_corpora(self.embedded_size, seed=self.sample_seed)["train"]
-            else:
-                raise ValueError("no training data: set data.train (data sources) or data.embedded")
+            if not self.train_sources:
+                raise DataError("no training data: set data.train (data sources: files, or e.g. "
+                                "[{format: generated, generator: synthetic, split: train, options: {dataset: A}}])", field="data.train")
+            records = [r for s in self.train_sources for r in read_records(s)]
             check_unique_ids(records, "training data")
             self.records = sample_per_group(records, self.samples_per_group, self.sample_seed)
         return self.records

@@ -1,17 +1,26 @@
 """UnTracModule: gradient-ascent unlearning in manual optimisation, loss scoring in predict_step."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from untrac_pl.data.schedule import UnlearningSchedule, num_optimizer_steps, plan_micro_batches
+from untrac_pl.data.schedule import (
+    UnlearningSchedule,
+    num_optimizer_steps,
+    plan_micro_batches,
+)
+from untrac_pl.distributed import take_rank0_gradient
 from untrac_pl.errors import NonFiniteLossError
 from untrac_pl.lm_base import CausalLMHolder
 from untrac_pl.losses import model_losses, model_token_mean_loss
 from untrac_pl.models import ModelSpec
+from untrac_pl.multiquery import losses_with_parameter_sets
 from untrac_pl.optim import OptimizerSpec, build_lr_scheduler, build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,8 +40,8 @@ class UnTracModule(CausalLMHolder):
     Ascent has exactly one negation: the module minimises ``-loss`` with an ordinary optimizer
     (``manual_backward(-loss)``). The model is in train mode (dropout on) while unlearning and in
     eval mode while scoring; Lightning switches the modes between ``fit`` and ``predict``.
-    ``predict_step`` returns per-example losses and, once ``base_losses`` (θ0) are set, scores
-    ``loss(θ_T) - loss(θ0)``. ``unlearning.loss_reduction`` says how tokens are averaged (per
+    ``predict_step`` returns per-example losses and, once the θ0 losses are connected
+    (:meth:`connect`), scores ``loss(θ_T) - loss(θ0)``. ``unlearning.loss_reduction`` says how tokens are averaged (per
     example, or per batch as in the authors' code); ``unlearning.max_grad_norm`` clips each step's
     gradient and ``unlearning.lr_schedule`` decays the lr over the target's planned steps.
     """
@@ -53,15 +62,36 @@ class UnTracModule(CausalLMHolder):
         self.tokenizer = None
         self.base_losses: Optional[torch.Tensor] = None
         self.target: Optional[Target] = None
+        self.keep_on_device = False
         self._step_losses: list[torch.Tensor] = []
         self.stopped_at_max_loss = False
+        self.amp_skipped_steps = 0
         # targets_per_pass > 1 (untrac_pl.multiquery): targets scored together, one parameter set each
         self.pass_targets: Optional[list[Target]] = None
         self.pass_parameters: Optional[list[dict]] = None
 
-    # -- model -----------------------------------------------------------------------------------
-    keep_on_device = False
+    # -- what the run shell connects (explicit late binding, not attributes read back elsewhere) ---
+    def connect(self, base_losses: Optional[torch.Tensor] = None, keep_on_device: bool = False) -> None:
+        """The θ0 losses of the evaluation set (``None``: return losses, not scores) and whether the
+        module stays on its device between targets."""
+        self.base_losses = base_losses
+        self.keep_on_device = keep_on_device
 
+    def set_target(self, target: Optional[Target]) -> None:
+        """The target the next ``fit`` unlearns and the next ``predict`` scores (``None``: θ0)."""
+        self.target = target
+
+    def set_pass(self, targets: Optional[list[Target]], parameter_sets: Optional[list[dict]]) -> None:
+        """Several unlearned targets scored in one ``predict``, each with its own tensors (``None``: off)."""
+        self.pass_targets, self.pass_parameters = targets, parameter_sets
+
+    def scored_targets(self) -> list[Target]:
+        """The targets whose scores the current ``predict`` pass produces (empty at θ0)."""
+        if self.pass_targets:
+            return list(self.pass_targets)
+        return [] if self.target is None else [self.target]
+
+    # -- model -----------------------------------------------------------------------------------
     def cpu(self):
         """Stay on the accelerator while the engine holds ``keep_on_device``.
 
@@ -74,8 +104,6 @@ class UnTracModule(CausalLMHolder):
     # -- unlearning ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        from untrac_pl.distributed import take_rank0_gradient
-
         # every rank computes the same gradient: take rank 0's bit for bit instead of averaging
         take_rank0_gradient(self.trainer.strategy.model)
 
@@ -109,11 +137,9 @@ class UnTracModule(CausalLMHolder):
         self.amp_skipped_steps = 0
 
     def on_train_end(self) -> None:
-        skipped = getattr(self, "amp_skipped_steps", 0)
+        skipped = self.amp_skipped_steps
         if skipped:
-            import logging
-
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "target %s: %d optimizer step(s) skipped by the 16-mixed GradScaler (fp16 overflow); "
                 "bf16-mixed has no loss scaling and skips none", self.target.id if self.target else "?", skipped)
 
@@ -132,7 +158,7 @@ class UnTracModule(CausalLMHolder):
             opt.step()  # with a scaler: unscale, skip on inf/nan gradients, update the scale
             skipped = scale is not None and scaler.get_scale() < scale
             if skipped:
-                self.amp_skipped_steps = getattr(self, "amp_skipped_steps", 0) + 1
+                self.amp_skipped_steps += 1
             scheduler = self.lr_schedulers()
             if scheduler is not None and not skipped:  # as the HF Trainer: no lr step for a skipped update
                 scheduler.step()
@@ -149,8 +175,6 @@ class UnTracModule(CausalLMHolder):
     # -- scoring ---------------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         if self.pass_parameters:  # k targets on one collated batch: scores [k, B]
-            from untrac_pl.multiquery import losses_with_parameter_sets
-
             losses = losses_with_parameter_sets(self.net, self.pass_parameters, batch, self.schedule.loss_reduction).detach().float()
         else:
             losses = model_losses(self.net, batch, self.schedule.loss_reduction).detach().float()

@@ -11,9 +11,11 @@ Llama/OPT-style model (or a LoRA adapter made of ``nn.Linear``). The model is de
 kronfluence wraps its modules; the caller's model is left untouched.
 
 Status: checked with kronfluence 1.0.1 installed as above (torchvision, which it lists, is not needed
-to import it): ``tests/test_baselines.py::test_ekfac_with_kronfluence`` runs EK-FAC on a tiny Llama
-(finite query-major scores; a training copy of a query ranks first). CI does not install kronfluence,
-so there that test is skipped with its reason.
+to import it; CI installs it so, see .ci/run): ``tests/test_baselines.py::test_ekfac_matches_a_hand_computed_ekfac``
+compares EK-FAC and K-FAC scores with a float64 computation by hand on a toy LM, and
+``test_ekfac_with_kronfluence`` runs it on a tiny Llama. Note: with ``damping=None`` kronfluence's own
+default ``damping_factor`` (1e-8 in 1.0.1) applies, not its heuristic (0.1 x mean eigenvalue), which
+kronfluence uses only when ``damping_factor=None`` is passed explicitly.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from untrac_pl.baselines._inputs import as_batches, group_map, mean_by_group
 from untrac_pl.data.collate import PadCollator
+from untrac_pl.errors import MethodOptionError
 from untrac_pl.losses import IGNORE_INDEX, per_example_loss
 
 INSTALL_HINT = (
@@ -68,13 +71,12 @@ def ekfac_scores(model, train, queries, *, train_groups=None, query_groups=None,
 
     Options: ``batch_size``, ``pad_token_id``, ``damping``, ``strategy``, ``output_dir``. Anything else
     (``params``, ``projection_dim``, ``hessian_samples_per_group``, ... of the other baselines) cannot be
-    honoured by kronfluence and raises :class:`~untrac_pl.baselines.options.BaselineOptionError`
-    before kronfluence is imported (``null`` values are accepted: they ask for the default).
+    honoured by kronfluence and raises a :class:`~untrac_pl.errors.MethodOptionError` before kronfluence is imported (the method
+    layer, :mod:`untrac_pl.methods.options`, refuses them earlier with a message naming the config field).
     """
-    if unused:
-        from untrac_pl.baselines.options import check_options
-
-        check_options("ekfac", unused)  # raises for every option not None; nothing is dropped silently
+    given = [k for k, v in unused.items() if v is not None]
+    if given:  # nothing is dropped silently
+        raise MethodOptionError(f"EK-FAC (kronfluence) cannot honour '{given[0]}'; ekfac accepts: batch_size, pad_token_id, damping, strategy, output_dir")
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs = _import_kronfluence()
 
     class _LMTask(Task):

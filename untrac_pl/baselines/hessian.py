@@ -25,7 +25,12 @@ from typing import Mapping, Optional, Sequence, Tuple
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from untrac_pl.baselines.gradients import GradientComputer, batch_losses, grad_enabled_scope, to_device
+from untrac_pl.baselines.gradients import (
+    GradientComputer,
+    batch_losses,
+    grad_enabled_scope,
+    to_device,
+)
 
 
 class HessianOperator:

@@ -32,15 +32,29 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from untrac_pl.baselines._inputs import IndexTracker, as_batches, group_map, mean_by_group
-from untrac_pl.baselines.gradients import GradientComputer, RandomProjector, eval_mode, grad_enabled_scope
-from untrac_pl.baselines.hessian import HessianOperator, arnoldi, auto_damping, extreme_eigenvalues, lissa
-
-METHODS = ("graddot", "gradcos", "tracin", "hif_lissa", "hif_arnoldi", "ekfac")
+from untrac_pl.baselines._inputs import (
+    IndexTracker,
+    as_batches,
+    group_map,
+    mean_by_group,
+)
+from untrac_pl.baselines.gradients import (
+    GradientComputer,
+    RandomProjector,
+    eval_mode,
+    grad_enabled_scope,
+)
+from untrac_pl.baselines.hessian import (
+    HessianOperator,
+    arnoldi,
+    auto_damping,
+    extreme_eigenvalues,
+    lissa,
+)
 
 Checkpoint = Tuple[Union[dict, str], float]
 
@@ -344,35 +358,3 @@ def hif_arnoldi(model, train, queries, *, train_groups=None, query_groups=None, 
                      arnoldi_iterations=eig.iterations, top_k=int(keep.sum()), select=select, hvp_mode=hvp_mode,
                      eigenvalues=eig.values[keep].tolist(), hvp_calls=op.calls,
                      seconds=time.perf_counter() - t0)
-
-
-def ekfac(model, train, queries, *, train_groups=None, query_groups=None, **opts) -> dict:
-    """EK-FAC influence via kronfluence (optional); see :mod:`untrac_pl.baselines.ekfac`."""
-    from untrac_pl.baselines.ekfac import ekfac_scores
-    return ekfac_scores(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
-
-
-_DISPATCH = {"graddot": graddot, "gradcos": gradcos, "tracin": tracin, "hif_lissa": hif_lissa,
-             "hif_arnoldi": hif_arnoldi, "ekfac": ekfac}
-_ALIASES = {"lissa": "hif_lissa", "arnoldi": "hif_arnoldi", "hif": "hif_arnoldi", "tracincp": "tracin"}
-
-
-def compute_baseline_scores(method: str, model: torch.nn.Module, train, queries, *,
-                            train_groups: Optional[Sequence[Hashable]] = None,
-                            query_groups: Optional[Sequence[Hashable]] = None, **opts) -> dict:
-    """Score every training unit against every query unit with a gradient/Hessian baseline.
-
-    ``method``: one of :data:`METHODS` (aliases: lissa, arnoldi, tracincp). ``train`` / ``queries``:
-    tokenised examples, collated batches or a DataLoader (see :func:`~untrac_pl.baselines._inputs.as_batches`);
-    columns/rows follow ``batch['index']`` (else order of appearance). ``train_groups[i]`` /
-    ``query_groups[i]``: the group of example ``i``.
-
-    Returns ``{"example_scores": [Q, N], "group_scores": [Qg, K] | None, "train_groups", "query_groups",
-    "group_rows", "group_cols", "method", "info"}``. Options the method does not take raise
-    :class:`~untrac_pl.baselines.options.BaselineOptionError` (a ``ValueError``) listing the ones it does.
-    """
-    from untrac_pl.baselines.options import canonical_method, check_options
-
-    key = canonical_method(method)
-    opts = check_options(key, opts)  # an option the method does not take: BaselineOptionError, not a TypeError
-    return _DISPATCH[key](model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)

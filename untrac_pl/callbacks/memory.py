@@ -1,22 +1,13 @@
 """MemoryMonitor: peak memory per phase (unlearning, scoring); CUDA peak on GPU, process RSS on CPU."""
 from __future__ import annotations
 
-import resource
-import sys
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc; falls back to the peak from getrusage)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+from untrac_pl.runtime import current_rss_bytes
 
 
 class MemoryMonitor(Callback):
@@ -35,6 +26,7 @@ class MemoryMonitor(Callback):
         self.peaks: dict[str, int] = {}
         self.device_kind = "cpu"
         self.model: dict = {}
+        self.measures: dict[str, str] = {}  # phase -> how it was measured, where it differs from the default
 
     @staticmethod
     def footprint(net: torch.nn.Module) -> dict:
@@ -49,8 +41,18 @@ class MemoryMonitor(Callback):
             "quantized": any(p.dtype in (torch.int8, torch.uint8) for p in params),
         }
 
+    def set_model(self, net: torch.nn.Module) -> None:
+        self.model = self.footprint(net)
+
+    def record_peak(self, phase: str, value: int, device_kind: str, measure: Optional[str] = None) -> None:
+        """A peak measured outside the Trainer hooks (a gradient method's one pass)."""
+        self.device_kind = device_kind
+        self.peaks[phase] = max(self.peaks.get(phase, 0), int(value))
+        if measure is not None:
+            self.measures[phase] = measure
+
     def _start(self, pl_module: pl.LightningModule) -> None:
-        if not self.model and getattr(pl_module, "net", None) is not None:
+        if not self.model and pl_module.net is not None:
             self.model = self.footprint(pl_module.net)
         if pl_module.device.type == "cuda":
             self.device_kind = "cuda"
@@ -61,7 +63,7 @@ class MemoryMonitor(Callback):
         if pl_module.device.type == "cuda":
             value = torch.cuda.max_memory_allocated(pl_module.device)
         else:
-            value = _rss_bytes()
+            value = current_rss_bytes()
         self.peaks[phase] = max(self.peaks.get(phase, 0), int(value))
 
     def on_train_start(self, trainer, pl_module):
@@ -89,7 +91,8 @@ class MemoryMonitor(Callback):
     def report(self) -> dict:
         measure = "torch.cuda.max_memory_allocated" if self.device_kind == "cuda" else "process RSS sampled per batch"
         report = {
-            phase: {"peak_bytes": value, "peak_gb": round(value / 2**30, 4), "device": self.device_kind, "measure": measure}
+            phase: {"peak_bytes": value, "peak_gb": round(value / 2**30, 4), "device": self.device_kind,
+                    "measure": self.measures.get(phase, measure)}
             for phase, value in self.peaks.items()
         }
         if self.model:

@@ -9,7 +9,7 @@ class TargetProgressBar(TQDMProgressBar):
 
     @staticmethod
     def _label(pl_module) -> str:
-        target = getattr(pl_module, "target", None)
+        target = pl_module.target
         return "θ0" if target is None else f"target {target.position + 1}/{target.total} {target.id}"
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

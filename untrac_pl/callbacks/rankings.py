@@ -10,24 +10,28 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from untrac_pl.distributed import merge_across_ranks
 from untrac_pl.io import write_json_atomic, write_text_atomic
+from untrac_pl.outputs import GROUP_SCORES_CSV, GROUP_SCORES_MD, RANKINGS, SCORES
 from untrac_pl.scores import ScoreTable
+
+UNLEARNING_SIGN = "positive = the training unit helped produce the query (unlearning it raises the query loss)"
 
 
 class RankingWriter(BasePredictionWriter):
     """Turns ``predict_step`` outputs into the run's score matrix and rankings.
 
     One ``predict`` pass per unlearning target yields one score vector over the evaluation set;
-    the engine's :class:`~untrac_pl.engine.AttributionPlan` says whether that vector is a row
+    the run's :class:`~untrac_pl.methods.base.AttributionPlan` says whether that vector is a row
     (UnTrac-Inv: target = query) or a column (UnTrac: target = training group) of the query-major
     matrix. Outputs (all atomic): ``scores.safetensors``, ``rankings.json``, ``group_scores.csv``
     and ``group_scores.md``; TensorBoard gets a score histogram and the top-k table as text.
     """
 
-    def __init__(self, output_dir: Optional[str] = None, top_k: int = 10, snippet_chars: int = 200):
+    def __init__(self, output_dir: Optional[str] = None, top_k: int = 10, snippet_chars: int = 200, sign: str = UNLEARNING_SIGN):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
-        self.top_k, self.snippet_chars = top_k, snippet_chars
+        self.top_k, self.snippet_chars, self.sign = top_k, snippet_chars, sign
         self.plan = None
         self.matrix: Optional[torch.Tensor] = None
         self.failed: dict[str, dict] = {}
@@ -42,17 +46,8 @@ class RankingWriter(BasePredictionWriter):
         self._positions = {t.id: t.position for t in plan.targets}
 
     # -- collection ------------------------------------------------------------------------------
-    @staticmethod
-    def _pass_targets(pl_module) -> list:
-        """Targets scored by this predict pass: several with ``targets_per_pass`` > 1, else the one."""
-        targets = getattr(pl_module, "pass_targets", None)
-        if targets:
-            return list(targets)
-        target = getattr(pl_module, "target", None)
-        return [] if target is None else [target]
-
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if getattr(pl_module, "target", None) is None or "scores" not in prediction:
+        if not pl_module.scored_targets() or "scores" not in prediction:
             return
         scores = prediction["scores"]
         rows = scores.tolist() if scores.dim() == 2 else [scores.tolist()]
@@ -63,7 +58,7 @@ class RankingWriter(BasePredictionWriter):
                 buffer[index] = score
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        targets = self._pass_targets(pl_module)
+        targets = pl_module.scored_targets()
         if not targets or self.matrix is None:
             self._buffer = {}
             return
@@ -72,8 +67,6 @@ class RankingWriter(BasePredictionWriter):
             for index, score in buffer.items():
                 rows[slot, index] = score
         self._buffer = {}
-        from untrac_pl.distributed import merge_across_ranks
-
         rows = merge_across_ranks(rows)  # under DDP each rank scored a shard: merge by index
         for target, row in zip(targets, rows):
             if not torch.isfinite(row).all():
@@ -84,6 +77,12 @@ class RankingWriter(BasePredictionWriter):
     def mark_failed(self, target_id: str, reason: str, step: Optional[int]) -> None:
         self.failed[target_id] = {"reason": reason, "step": step}
         self.matrix[self._positions[target_id]] = float("nan")
+
+    def set_matrix(self, matrix: torch.Tensor) -> None:
+        """Every target's row at once (methods that score all targets in one pass)."""
+        if tuple(matrix.shape) != tuple(self.matrix.shape):
+            raise ValueError(f"score matrix of shape {tuple(matrix.shape)}; the plan needs {tuple(self.matrix.shape)}")
+        self.matrix = matrix.detach().float().cpu().clone()
 
     def set_row(self, target_id: str, row: torch.Tensor) -> None:
         """Put a finished target's score row in place (used when resuming a run)."""
@@ -158,7 +157,7 @@ class RankingWriter(BasePredictionWriter):
             "method": table.method,
             "row_unit": table.row_unit,
             "col_unit": table.col_unit,
-            "sign": "positive = the training unit helped produce the query (unlearning it raises the query loss)",
+            "sign": self.sign,
             "top_k": self.top_k,
             "failed_targets": self.ordered_failed(),
             "queries": queries,
@@ -180,12 +179,12 @@ class RankingWriter(BasePredictionWriter):
 
     def write_outputs(self, metadata: dict, logger=None) -> ScoreTable:
         table = self.table(metadata)
-        table.save(self.output_dir / "scores.safetensors")
+        table.save(self.output_dir / SCORES)
         rankings = self.rankings(table)
-        write_json_atomic(self.output_dir / "rankings.json", rankings)
+        write_json_atomic(self.output_dir / RANKINGS, rankings)
         csv_text, md_text = self.group_tables(table)
-        write_text_atomic(self.output_dir / "group_scores.csv", csv_text)
-        write_text_atomic(self.output_dir / "group_scores.md", md_text)
+        write_text_atomic(self.output_dir / GROUP_SCORES_CSV, csv_text)
+        write_text_atomic(self.output_dir / GROUP_SCORES_MD, md_text)
         self._log_tensorboard(table, rankings, logger)
         return table
 

@@ -21,6 +21,11 @@ class RestoreWeights(Callback):
         self.offload_device = offload_device
         self._snapshot: Optional[dict[str, torch.Tensor]] = None
 
+    @property
+    def snapshot_tensors(self) -> Optional[dict[str, torch.Tensor]]:
+        """θ0's tensors by ``param:<name>`` / ``buffer:<name>`` (``None`` before the first target)."""
+        return self._snapshot
+
     @staticmethod
     def _tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
         tensors = {f"param:{n}": p for n, p in net.named_parameters() if p.requires_grad}

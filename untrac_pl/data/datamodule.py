@@ -6,14 +6,23 @@ sampling and batching in one place and lets the engine ask for either side.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from untrac_pl.data.collate import ExampleDataset, GroupBatchSampler, LengthSortedBatchSampler, PadCollator
+from untrac_pl.data.collate import (
+    ExampleDataset,
+    GroupBatchSampler,
+    LengthSortedBatchSampler,
+    PadCollator,
+)
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
-from untrac_pl.data.schedule import AscentDataset, UnlearningSchedule, plan_micro_batches
+from untrac_pl.data.schedule import (
+    AscentDataset,
+    UnlearningSchedule,
+    plan_micro_batches,
+)
 from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
 from untrac_pl.errors import DataError
 from untrac_pl.losses import LossReduction
@@ -23,9 +32,10 @@ class AttributionDataModule(pl.LightningDataModule):
     """Training corpora (grouped) and query texts (e.g. toxicity prompts), tokenised once.
 
     Args:
-        train: data sources of the training corpora (each record's ``group`` is its corpus).
-        queries: data sources of the test behaviours / queries.
-        embedded: ``"quickstart"`` uses the project's generated demo data for any side left empty.
+        train: data sources of the training corpora (each record's ``group`` is its corpus): files,
+            datasets or generated corpora, e.g. the demo's
+            ``[{format: generated, generator: quickstart, split: train}]``.
+        queries: data sources of the test behaviours / queries (the demo's: ``split: queries``).
         max_length: tokens per sequence; longer ones are truncated and counted.
         samples_per_group: equal-size seeded sample of each training group (paper: 10,000).
         query_samples_per_group: the same for query subsets (paper: 256).
@@ -36,7 +46,6 @@ class AttributionDataModule(pl.LightningDataModule):
         self,
         train: Optional[list[DataSource]] = None,
         queries: Optional[list[DataSource]] = None,
-        embedded: Optional[Literal["quickstart"]] = None,
         max_length: int = 512,
         samples_per_group: Optional[int] = None,
         query_samples_per_group: Optional[int] = None,
@@ -47,7 +56,6 @@ class AttributionDataModule(pl.LightningDataModule):
         super().__init__()
         self.train_sources = list(train or [])
         self.query_sources = list(queries or [])
-        self.embedded = embedded
         self.max_length = max_length
         self.samples_per_group = samples_per_group
         self.query_samples_per_group = query_samples_per_group
@@ -72,16 +80,10 @@ class AttributionDataModule(pl.LightningDataModule):
     # -- records -------------------------------------------------------------------------------
     def load_records(self) -> None:
         """Read, validate and sample both sides (idempotent)."""
-        if self.train_records is None or self.query_records is None:
-            demo = None
-            if self.embedded == "quickstart" and (not self.train_sources or not self.query_sources):
-                from untrac_pl.data.embedded import quickstart_corpus
-
-                demo = quickstart_corpus(seed=self.sample_seed)
-            if self.train_records is None:
-                self.train_records = self._read_side(self.train_sources, demo and demo["train"], "data.train")
-            if self.query_records is None:
-                self.query_records = self._read_side(self.query_sources, demo and demo["queries"], "data.queries")
+        if self.train_records is None:
+            self.train_records = self._read_side(self.train_sources, "data.train")
+        if self.query_records is None:
+            self.query_records = self._read_side(self.query_sources, "data.queries")
         # also for in-memory records (from_records): sampling is idempotent, so a second call changes nothing
         self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
         self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
@@ -89,11 +91,11 @@ class AttributionDataModule(pl.LightningDataModule):
         check_unique_ids(self.query_records, "queries")
 
     @staticmethod
-    def _read_side(sources: Sequence, fallback: Optional[list[dict]], what: str) -> list[dict]:
+    def _read_side(sources: Sequence, what: str) -> list[dict]:
         if not sources:
-            if fallback is None:
-                raise DataError("no data sources given (set them, or embedded: quickstart)", field=what)
-            return list(fallback)
+            split = "train" if what == "data.train" else "queries"
+            raise DataError(f"no data sources given (files, or the demo corpus: [{{format: generated, generator: quickstart, split: {split}}}])",
+                            field=what)
         records = []
         for source in sources:
             records.extend(read_records(source))
@@ -109,6 +111,13 @@ class AttributionDataModule(pl.LightningDataModule):
         self.collator = PadCollator(tokenizer.pad_token_id)
         self.train_corpus = tokenize_records(self.train_records, tokenizer, self.max_length, "training data")
         self.query_corpus = tokenize_records(self.query_records, tokenizer, self.max_length, "queries")
+
+    def connect(self, tokenizer, max_length: Optional[int] = None) -> None:
+        """Tokenise both sides with the model's tokenizer, at ``max_length`` (the run shell passes
+        ``data.max_length`` clamped to the model's context)."""
+        if max_length is not None:
+            self.max_length = int(max_length)
+        self.tokenize(tokenizer)
 
     def _require_tokens(self) -> None:
         if self.train_corpus is None:

@@ -1,5 +1,9 @@
 """Small corpora the project generates itself (no download) and a local BPE tokenizer.
 
+Configs and experiments read the corpora as data sources through the generator registry
+(:mod:`untrac_pl.data.generators`: ``{format: generated, generator: quickstart | pretraining, split: ...}``);
+the functions here make them.
+
 * :func:`quickstart_corpus` — four topical training groups ("animals", "cooking", "sports",
   "insults"; the last is mildly rude and stands in for a toxic source) and a few queries, one of
   which repeats a training sentence verbatim.
@@ -39,6 +43,7 @@ __all__ = [
     "MALE_OCCUPATIONS",
     "FEMALE_OCCUPATIONS",
     "TRUTHFULQA_CATEGORIES",
+    "TEST_SETS",
     "quickstart_corpus",
     "pretraining_corpora",
     "unequal_sizes",
@@ -173,6 +178,9 @@ def quickstart_corpus(seed: int = 0, n_per_group: int = 24) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 CORPUS_NAMES: tuple[str, ...] = ("books", "wikipedia", "news", "forum", "stories", "tweets", "reviews", "science")
+
+# The three look-alike test sets of :func:`pretraining_corpora`, in the order it returns them.
+TEST_SETS: tuple[str, ...] = ("toxigen_like", "winobias_like", "truthfulqa_like")
 
 # The paper's unequal setting (30/20/15/10/10/5/5/5 %), assigned in CORPUS_NAMES order.
 UNEQUAL_FRACTIONS: dict[str, float] = dict(zip(CORPUS_NAMES, (0.30, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05, 0.05)))
@@ -606,6 +614,7 @@ def train_bpe_tokenizer(
     order); ``seed`` is accepted for API symmetry and does not change the result. ``vocab_size``
     must leave room for the 256 byte symbols and the special token (>= 257).
     """
+    # heavy: imported only when a tokenizer is trained (the corpus generators need neither)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,4 +1,5 @@
-"""Readers that turn JSONL, JSON arrays, CSV, plain text, `datasets` datasets and in-memory lists into records.
+"""Readers that turn JSONL, JSON arrays, CSV, plain text, `datasets` datasets, the project's generated
+corpora (:mod:`untrac_pl.data.generators`) and in-memory lists into records.
 
 A record is ``{"id": str, "group": str, "text": str}`` or ``{"id", "group", "prompt", "completion"}``
 (loss on the completion only). Every reader validates as it goes and raises :class:`DataError`
@@ -13,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
+from untrac_pl.data.generators import generate
 from untrac_pl.errors import DataError
 
-Format = Literal["auto", "jsonl", "csv", "text", "hf"]
+Format = Literal["auto", "jsonl", "json", "csv", "text", "hf", "generated"]
 # Where a raw record came from: a 1-based file line (int), or a label such as "row 4" (a `datasets`
-# row index) or "item 3" (an index into a top-level JSON array).
+# row index), "item 3" (an index into a top-level JSON array) or "record 2" (a generated corpus's index).
 Location = Optional[Union[int, str]]
 
 
@@ -48,12 +50,37 @@ def _describe(path: str, line: Location) -> str:
 class DataSource:
     """Where one set of records comes from and how its fields are named.
 
-    ``path``: a .jsonl/.json/.csv/.txt file, a local `datasets` directory (``save_to_disk`` or a
-    folder of data files) or a Hub dataset id (``format: hf``). ``group`` sets one group for every
-    record; otherwise ``group_field`` is read (default group: the file's stem).
+    A file or dataset (``{path: train.jsonl}``) or a corpus the project generates
+    (``{format: generated, generator: quickstart, split: train}``; see :mod:`untrac_pl.data.generators`).
+
+    Args:
+        path: a .jsonl/.json/.csv/.txt file, a local `datasets` directory (``save_to_disk`` or a
+            folder of data files) or a Hub dataset id (``format: hf``). Not set for ``format: generated``.
+        format: ``auto`` (from the suffix; a directory is ``hf``; a ``generator`` means ``generated``),
+            ``jsonl``, ``json`` (a top-level array of objects, or JSONL), ``csv`` (``.tsv``: tab-separated),
+            ``text``, ``hf`` or ``generated``.
+        group: one group for every record; otherwise ``group_field`` is read (default group: the
+            file's stem).
+        group_field: the field holding a record's group.
+        text_field: the field holding a record's text.
+        prompt_field: the field holding a record's prompt (loss on the completion only).
+        completion_field: the field holding a record's completion.
+        id_field: the field holding a record's id (default id: ``<file stem>:<position>``).
+        split: the split of a `datasets` dataset, or of a generated corpus (e.g. ``train``,
+            ``queries``, ``test``).
+        text_unit: plain text: a record per ``line`` or per ``paragraph`` (blank-line separated).
+        limit: read at most this many records.
+        hf_config: the configuration name of a Hub dataset.
+        extra: not read by any reader (accepted so that configs setting it still load).
+        generator: ``format: generated``: the generator's name (``quickstart``, ``synthetic``,
+            ``pretraining``, or one registered with ``register_generator``).
+        seed: ``format: generated``: the seed of the draw (the same seed gives the same records; it is
+            the source's own, independent of ``data.sample_seed``).
+        options: ``format: generated``: the generator's options, e.g. ``{dataset: A, n_per_task: 64}``
+            for ``synthetic``; a corpus's splits belong together only when read with the same options.
     """
 
-    path: str
+    path: Optional[str] = None
     format: Format = "auto"
     group: Optional[str] = None
     group_field: str = "group"
@@ -66,9 +93,43 @@ class DataSource:
     limit: Optional[int] = None
     hf_config: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    generator: Optional[str] = None
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How messages and record origins name this source: its path, or ``generated:<generator>/<split>``."""
+        if self.path is None and self.generator is not None:
+            return f"generated:{self.generator}/{self.split}"
+        return str(self.path)
+
+
+def _stem(source: DataSource) -> str:
+    """The default group (and id prefix) of records that name none: the file's stem, or ``<generator>_<split>``."""
+    if source.path is None and source.generator is not None:
+        return f"{source.generator}_{source.split}"
+    return Path(source.path).stem
 
 
 def _infer_format(source: DataSource) -> str:
+    if source.generator is not None and source.format in ("auto", "generated"):
+        if source.path is not None:
+            raise DataError(f"set either path (a file or dataset) or generator (format: generated), not both (generator: {source.generator}); "
+                            "a list of sources given on the command line is merged item by item with the config's list of the same "
+                            "length: reset it first, e.g. --data.train=null --data.train='[{path: ...}]'", source=source.label, field="path")
+        return "generated"
+    if source.format == "generated":
+        raise DataError("format: generated needs a generator (e.g. generator: quickstart)", source=source.label, field="generator")
+    if source.generator is not None:
+        raise DataError(f"generator is only read with format: generated (this source has format: {source.format}); "
+                        "if the command line replaced a generated source, reset the list first (e.g. --data.train=null)",
+                        source=source.label, field="generator")
+    if source.options:
+        raise DataError("options are only read with format: generated (they are a generator's options); if the command line "
+                        "replaced a generated source, reset the list first (e.g. --data.train=null)", source=source.label, field="options")
+    if source.path is None:
+        raise DataError("no path given: set path (a file or dataset), or format: generated and a generator", field="path")
     if source.format != "auto":
         return source.format
     path = Path(source.path)
@@ -85,26 +146,26 @@ def _infer_format(source: DataSource) -> str:
         return "hf"
     if not path.exists():
         raise DataError("file not found", source=source.path)
-    raise DataError(f"cannot infer the format from suffix '{suffix}'; set format: jsonl|csv|text|hf", source=source.path)
+    raise DataError(f"cannot infer the format from suffix '{suffix}'; set format: jsonl|json|csv|text|hf", source=source.path)
 
 
 def _make_record(raw: dict, source: DataSource, position: int, line: Location) -> dict:
     record = _validate_record(raw, source, position, line)
-    record.origin = _describe(source.path, line)
+    record.origin = _describe(source.label, line)
     return record
 
 
 def _validate_record(raw: dict, source: DataSource, position: int, line: Location) -> Record:
-    where = _where(source.path, line)
+    where = _where(source.label, line)
     if not isinstance(raw, dict):
         raise DataError(f"expected an object, got {type(raw).__name__}", **where)
     group = source.group if source.group is not None else raw.get(source.group_field)
     if group is None:
-        group = Path(source.path).stem
+        group = _stem(source)
     if not str(group).strip():
         raise DataError("group is empty (every record needs a non-empty group name)", field=source.group_field, **where)
     rec_id = raw.get(source.id_field)
-    rec_id = f"{Path(source.path).stem}:{position}" if rec_id is None or rec_id == "" else str(rec_id)
+    rec_id = f"{_stem(source)}:{position}" if rec_id is None or rec_id == "" else str(rec_id)
     has_text = source.text_field in raw
     has_pair = source.prompt_field in raw or source.completion_field in raw
     if has_text:
@@ -229,7 +290,7 @@ def _read_text(source: DataSource) -> Iterable[tuple[dict, int]]:
 
 
 def _read_hf(source: DataSource) -> Iterable[tuple[dict, Location]]:
-    import datasets
+    import datasets  # heavy (pyarrow, ...): imported only when a source is a `datasets` dataset
 
     path = Path(source.path)
     try:
@@ -249,7 +310,14 @@ def _read_hf(source: DataSource) -> Iterable[tuple[dict, Location]]:
         yield dict(row), f"row {row_no}"
 
 
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": _read_text, "hf": _read_hf}
+def _read_generated(source: DataSource) -> Iterable[tuple[dict, str]]:
+    """A corpus the project generates (:func:`untrac_pl.data.generators.generate`); rows named ``record <index>``."""
+    for index, record in enumerate(generate(source.generator, source.split, source.seed, **source.options)):
+        yield record, f"record {index}"
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": _read_text, "hf": _read_hf,
+            "generated": _read_generated}
 
 
 def read_records(source: DataSource | dict | str) -> list[dict]:
@@ -265,7 +333,8 @@ def read_records(source: DataSource | dict | str) -> list[dict]:
             break
         records.append(_make_record(raw, source, position, line))
     if not records:
-        raise DataError("no records (the file is empty)", source=source.path)
+        empty = "the generator made none: check its options" if fmt == "generated" else "the file is empty"
+        raise DataError(f"no records ({empty})", source=source.label)
     return records
 
 

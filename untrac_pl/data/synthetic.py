@@ -27,7 +27,8 @@ Dataset B (test: "What letter remains in '{5 letters}' after extracting '{c}', '
   adjectives and adverbs (answers "2"/"3"); ``pos_split=False`` draws all four classes in both.
 
 Records are ``{"id", "group", "prompt", "completion"}`` with the completion preceded by a space
-(loss on the completion only).
+(loss on the completion only). As a data source: ``{format: generated, generator: synthetic, split:
+train | test, options: {dataset: A}}`` (:mod:`untrac_pl.data.generators`).
 """
 from __future__ import annotations
 

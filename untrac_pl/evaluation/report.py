@@ -13,8 +13,10 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from untrac_pl.evaluation.ground_truth import GROUND_TRUTH
 from untrac_pl.evaluation.metrics import test_set_of
 from untrac_pl.io import write_json_atomic, write_text_atomic
+from untrac_pl.methods import display_name
 
 # Paper Table 3 (Pearson; equal / unequal corpus sizes), from docs/paper.md.
 PAPER_TABLE3 = {
@@ -30,12 +32,9 @@ PAPER_TABLE3 = {
     },
 }
 PAPER_TEST_SETS = ("toxigen", "winobias", "truthfulqa")
-DISPLAY = {"untrac": "UnTrac", "untrac_inv": "UnTrac-Inv", "ground_truth": "Ground truth", "graddot": "GradDot",
-           "gradcos": "GradCos", "tracin": "TracIn", "hif_lissa": "HIF (LiSSA)", "hif_arnoldi": "HIF (Arnoldi)", "ekfac": "EK-FAC"}
-
-
 def display(name: str) -> str:
-    return DISPLAY.get(name, name)
+    """A method's display name from the registry (``UnTrac-Inv``); ``Ground truth``; else the label itself."""
+    return "Ground truth" if name == GROUND_TRUTH else display_name(name)
 
 
 def _fmt(summary: Optional[dict], digits: int = 3) -> str:

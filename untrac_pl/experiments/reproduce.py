@@ -29,12 +29,21 @@ from typing import Literal, Optional
 
 import torch
 
+from untrac_pl.data.embedded import CORPUS_NAMES, TEST_SETS, UNEQUAL_FRACTIONS
+from untrac_pl.data.records import DataSource, read_records
+from untrac_pl.data.synthetic import load_synthetic
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
+from untrac_pl.evaluation.metrics import evaluate_directory
+from untrac_pl.evaluation.report import write_report
 from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
+from untrac_pl.io import write_json_atomic
 from untrac_pl.lm import CausalLMModule, LRSchedule, example_losses
 from untrac_pl.models import ModelSpec, build_model, load_tokenizer
 from untrac_pl.optim import OptimizerSpec
+from untrac_pl.resume import fingerprint_diff, score_trainer_settings
+from untrac_pl.runtime import json_safe, versions
+from untrac_pl.scores import ScoreTable
 from untrac_pl.training import FitSpec, block_records, fit_lm
 
 log = logging.getLogger(__name__)
@@ -42,8 +51,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SyntheticData:
-    """Experiment 1 data: ``source: generated`` (the project's generator, a fresh draw per seed) or
-    ``csv`` (the original CSVs in ``csv_dir``, the same for every seed)."""
+    """Experiment 1 data: ``source: generated`` (the ``synthetic`` generator of
+    :mod:`untrac_pl.data.generators`, a fresh draw per seed: ``n_per_task`` records per training task,
+    ``n_test`` test records) or ``csv`` (the original CSVs in ``csv_dir``, the same for every seed)."""
 
     datasets: list[str] = field(default_factory=lambda: ["A", "B"])
     source: Literal["generated", "csv"] = "generated"
@@ -57,13 +67,15 @@ class CorporaData:
     """Experiment 2 data: eight corpora and three test sets.
 
     ``source: real`` reads ``corpora_dir/<name>.jsonl`` and ``tests_dir`` (ToxiGen, WinoBias,
-    TruthfulQA); ``embedded`` generates look-alikes (:func:`untrac_pl.data.embedded.pretraining_corpora`).
+    TruthfulQA); ``generated`` reads look-alikes from the ``pretraining`` generator of
+    :mod:`untrac_pl.data.generators` (a fresh draw per seed: ``generated_docs_per_corpus`` documents
+    per corpus, ``generated_test_per_group`` records per test group).
     Documents are cut into ``block_size``-token blocks; ``equal`` keeps ``blocks_per_corpus`` blocks
     of every corpus, ``unequal`` the paper's 30/20/15/10/10/5/5/5 % of ``8 * blocks_per_corpus``.
     Each test subset is sampled to ``query_samples_per_group`` examples.
     """
 
-    source: Literal["real", "embedded"] = "embedded"
+    source: Literal["real", "generated"] = "generated"
     sizes: list[Literal["equal", "unequal"]] = field(default_factory=lambda: ["equal", "unequal"])
     corpora_dir: str = "../shared/data/corpora"
     tests_dir: str = "../shared/data/tests"
@@ -72,8 +84,8 @@ class CorporaData:
     blocks_per_corpus: int = 256
     query_samples_per_group: Optional[int] = 16
     tokenizer_docs_per_corpus: int = 200
-    embedded_docs_per_corpus: int = 400
-    embedded_test_per_group: int = 16
+    generated_docs_per_corpus: int = 400
+    generated_test_per_group: int = 16
 
 
 @dataclass
@@ -165,22 +177,23 @@ def _prefixed(records: list[dict], test_set: str) -> list[dict]:
     return [{**r, "id": f"{test_set}:{r['id']}", "group": f"{test_set}/{r['group']}"} for r in records]
 
 
-def synthetic_data(cfg: ReproduceConfig, dataset: str, seed: int) -> dict:
-    from untrac_pl.data.synthetic import load_synthetic, make_synthetic
+def _generated(generator: str, split: str, seed: int, **options) -> list[dict]:
+    return read_records(DataSource(format="generated", generator=generator, split=split, seed=seed, options=options))
 
+
+def synthetic_data(cfg: ReproduceConfig, dataset: str, seed: int) -> dict:
     s = cfg.synthetic
     if s.source == "csv":
         data = load_synthetic(dataset, s.csv_dir)
+        train, queries = data["train"], data["test"]
     else:
-        data = make_synthetic(dataset, n_per_task=s.n_per_task, n_test=s.n_test, seed=seed)
-    train, queries = data["train"], data["test"]
+        options = dict(dataset=dataset, n_per_task=s.n_per_task, n_test=s.n_test)
+        train, queries = (_generated("synthetic", split, seed, **options) for split in ("train", "test"))
     texts = [r["prompt"] + r["completion"] for r in train + queries]
     return {"train": train, "queries": queries, "tokenizer_texts": texts}
 
 
 def _real_tests(c: CorporaData) -> list[dict]:
-    from untrac_pl.data.records import DataSource, read_records
-
     tests_dir = Path(c.tests_dir)
     queries = []
     for test_set, filename in (("toxigen", c.toxigen_file), ("winobias", "winobias.jsonl"), ("truthfulqa", "truthfulqa.jsonl")):
@@ -191,30 +204,24 @@ def _real_tests(c: CorporaData) -> list[dict]:
 
 def corpora_data(cfg: ReproduceConfig, size: str, seed: int) -> dict:
     """Raw documents and test records (before blocking); blocks are made once the tokenizer exists."""
-    from untrac_pl.data.embedded import CORPUS_NAMES, pretraining_corpora
-
     c = cfg.corpora
     if c.source == "real":
-        from untrac_pl.data.records import DataSource, read_records
-
         docs = []
         for name in CORPUS_NAMES:
             docs += read_records(DataSource(path=str(Path(c.corpora_dir) / f"{name}.jsonl"), group=name))
         queries = _real_tests(c)
     else:
-        data = pretraining_corpora(c.embedded_docs_per_corpus, seed=seed, n_test_per_group=c.embedded_test_per_group)
-        docs = data["train"]
+        options = dict(n_docs_per_corpus=c.generated_docs_per_corpus, n_test_per_group=c.generated_test_per_group)
+        docs = _generated("pretraining", "train", seed, **options)
         queries = []
-        for key, records in data["tests"].items():
-            queries += _prefixed(records, key.replace("_like", ""))
+        for test_set in TEST_SETS:
+            queries += _prefixed(_generated("pretraining", test_set, seed, **options), test_set.replace("_like", ""))
     queries = sample_per_group(queries, c.query_samples_per_group, seed)
     tok_docs = sample_per_group(docs, c.tokenizer_docs_per_corpus, 12345)  # tokenizer: the same for every seed
     return {"docs": docs, "queries": queries, "tokenizer_texts": [r["text"] for r in tok_docs], "size": size}
 
 
 def corpus_blocks(cfg: ReproduceConfig, docs: list[dict], tokenizer, size: str, seed: int) -> list[dict]:
-    from untrac_pl.data.embedded import CORPUS_NAMES, UNEQUAL_FRACTIONS
-
     c = cfg.corpora
     blocks = block_records(docs, tokenizer, c.block_size)
     if size == "equal":
@@ -272,9 +279,7 @@ SHARED_TRAINER_KEYS = ("precision", "deterministic")
 
 def shared_fingerprint(cfg: ReproduceConfig, setting: str, trainer_kwargs: dict) -> dict:
     """The configuration a seed folder's θ0 and ground truth were computed with, as plain JSON."""
-    from untrac_pl.resume import score_trainer_settings
-
-    full = _jsonable(asdict(cfg))
+    full = json_safe(asdict(cfg))
     shared = {key: full[key] for key in SHARED_FIELDS}
     shared["setting"] = setting
     shared["trainer"] = score_trainer_settings(trainer_kwargs, SHARED_TRAINER_KEYS)
@@ -291,9 +296,6 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
     Adding methods (new labels) is fine; a changed shared setting or a changed method under an
     existing label would otherwise be reported with the new configuration next to the old numbers.
     """
-    from untrac_pl.resume import fingerprint_diff
-    from untrac_pl.scores import ScoreTable
-
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     if not gt_path.exists():
         return
@@ -351,8 +353,6 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     t2 = time.perf_counter()
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     if reuse and gt_path.exists():
-        from untrac_pl.scores import ScoreTable
-
         gt, runs = ScoreTable.load(gt_path), {}
         stored = gt.metadata.get("base_query_loss")
         if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
@@ -416,9 +416,6 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     """Run (or, with ``evaluate_only``, just evaluate) a reproduction; returns the written report paths."""
     import json
 
-    from untrac_pl.evaluation.metrics import evaluate_directory
-    from untrac_pl.evaluation.report import write_report
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -448,16 +445,14 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
                       + (" (ground truth reused)" if reuse else "") + "...", flush=True)
                 info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs, reuse=reuse, may_fail=tuple(sweep_info))
                 runs.setdefault(setting, {})[f"seed{seed}"] = info
-                from untrac_pl.io import write_json_atomic
-
-                write_json_atomic(runs_path, _jsonable(runs))
+                write_json_atomic(runs_path, json_safe(runs))
                 t = info["timings"]
                 print(f"[reproduce] {setting} seed {seed}: done in {t['total_s']:.1f} s (θ0 {t['fit_theta0_s']:.1f} s, GT {t['ground_truth_s']:.1f} s, "
                       f"methods {sum(t['methods_s'].values()):.1f} s)", flush=True)
     metrics = evaluate_directory(scores_root)
     metrics = {s: metrics[s] for s in settings if s in metrics}
     wall = time.perf_counter() - started
-    extra = {"name": cfg.name, "wall_seconds": wall, "runs": _jsonable(runs), "config": _jsonable(asdict(cfg)), "versions": _versions()}
+    extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions()}
     notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall)
     return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in methods],
                         sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures)
@@ -476,26 +471,3 @@ def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float) -> str:
             if info.get("failed_methods"):
                 lines.append(f"  - diverged (non-finite ascent loss; no score file, `n/a` in the tables): {', '.join(sorted(info['failed_methods']))}")
     return "\n".join(lines)
-
-
-def _versions() -> dict:
-    import platform
-
-    import lightning
-    import transformers
-
-    return {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def _jsonable(obj):
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import shlex
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
@@ -34,11 +32,13 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from untrac_pl.compat import MemoryEfficientUnTracEstimator, UnTracConfig, resolve_device, top_k
-from untrac_pl.data.records import DataSource, read_records
+from untrac_pl.data.records import DataSource, read_records, records_from_list
 from untrac_pl.errors import DataError
+from untrac_pl.estimator import MemoryEfficientUnTracEstimator, UnTracConfig, top_k
+from untrac_pl.experiments.toxicity import _seeded_sample
 from untrac_pl.io import write_json_atomic
 from untrac_pl.models import ModelSpec
+from untrac_pl.runtime import current_rss_bytes, json_safe, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ class ScalingExperimentConfig:
     ``models_to_test``: Hub ids / local directories, or dicts ``{name: ..., <ModelSpec fields>}``
     (e.g. ``{name: tiny, config: {model_type: gpt2, n_layer: 2, ...}, train_tokenizer_vocab: 512}``).
     ``use_quantization`` / ``quantization_bits``: load every model quantised (LoRA unlearning; see
-    :class:`~untrac_pl.compat.MemoryEfficientUnTracEstimator`). ``sample_size`` training texts and
-    ``test_cases`` test texts: from ``train`` / ``queries`` data sources, else the embedded quickstart
-    corpus (enlarged to ``sample_size``) and its queries. ``untrac``: the unlearning settings of every
+    :class:`~untrac_pl.estimator.MemoryEfficientUnTracEstimator`). ``sample_size`` training texts and
+    ``test_cases`` test texts: from ``train`` / ``queries`` data sources, else the generated quickstart
+    corpus (``generator: quickstart``, enlarged to ``sample_size``: ``n_per_group = ceil(sample_size / 4)``)
+    and its queries. ``untrac``: the unlearning settings of every
     model (default: the seed's — Adam here, lr 5e-5, one step, gradient checkpointing on).
     """
 
@@ -108,9 +109,7 @@ def _phases(report: dict) -> dict:
 def _memory_now_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**30
-    from untrac_pl.callbacks.memory import _rss_bytes
-
-    return _rss_bytes() / 2**30
+    return current_rss_bytes() / 2**30
 
 
 class ScalingExperiment:
@@ -128,17 +127,14 @@ class ScalingExperiment:
         seed = self._untrac().seed
         if cfg.train or cfg.queries:
             if not (cfg.train and cfg.queries):
-                raise DataError("set both train and queries (or neither, for the embedded quickstart data)", field="train")
-            train = [r for s in cfg.train for r in read_records(s)]
-            tests = [r for s in cfg.queries for r in read_records(s)]
+                raise DataError("set both train and queries (or neither, for the generated quickstart data)", field="train")
+            train_sources, test_sources = cfg.train, cfg.queries
         else:
-            from untrac_pl.data.embedded import quickstart_corpus
-
-            per_group = max(1, math.ceil(cfg.sample_size / 4))
-            corpus = quickstart_corpus(seed=0, n_per_group=per_group)
-            train, tests = corpus["train"], corpus["queries"]
-        from untrac_pl.experiments.toxicity import _seeded_sample
-
+            options = {"n_per_group": max(1, math.ceil(cfg.sample_size / 4))}
+            train_sources, test_sources = ([DataSource(format="generated", generator="quickstart", split=split, options=options)]
+                                           for split in ("train", "queries"))
+        train = [r for s in train_sources for r in read_records(s)]
+        tests = [r for s in test_sources for r in read_records(s)]
         train = _seeded_sample(train, cfg.sample_size, seed)
         tests = tests[: cfg.test_cases]
         if len(tests) < cfg.test_cases:
@@ -222,8 +218,6 @@ class ScalingExperiment:
         return result
 
     def _attribute(self, estimator: MemoryEfficientUnTracEstimator, test_texts: list[str], training_texts: list[str]) -> np.ndarray:
-        from untrac_pl.data.records import records_from_list
-
         records = records_from_list([{"id": f"test-{j}", "group": "test", "text": t} for j, t in enumerate(test_texts)], name="test_texts")
         return estimator.attribute_records(records, training_texts, eval_batch_size=self.config.eval_batch_size)
 
@@ -273,10 +267,9 @@ class ScalingExperiment:
         }
 
     def save_results(self, filename: str = RESULTS_FILE) -> Path:
-        from untrac_pl.experiments.toxicity import _json_safe
 
         path = Path(self.config.output_dir) / filename
-        write_json_atomic(path, _json_safe(self.results))
+        write_json_atomic(path, json_safe(self.results, drop_private=True))
         log.info("Results saved to %s", path)
         return path
 
@@ -319,28 +312,3 @@ class ScalingExperiment:
         tmp.replace(path)
         log.info("Plot saved to %s", path)
         return path
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: untrac-pl scaling -c configs/scaling.yaml
-# --------------------------------------------------------------------------------------------------
-def scaling(argv: Optional[list[str]] = None) -> int:
-    """Run the same attribution across model sizes; record parameters, runtime and peak memory."""
-    from untrac_pl.experiments.toxicity import _parser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser("untrac-pl scaling", "Scaling experiment: the same UnTrac-Inv attribution across a list of models")
-    parser.add_class_arguments(ScalingExperimentConfig)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    config = ScalingExperimentConfig(**{f.name: init[f.name] for f in fields(ScalingExperimentConfig)})
-    command = "untrac-pl scaling " + " ".join(shlex.quote(a) for a in argv)
-    experiment = ScalingExperiment(config, command=command)
-    results = experiment.run_scaling_experiment()
-    plot = experiment.plot_results()
-    summary = results["summary"]
-    print(f"wrote {Path(config.output_dir) / RESULTS_FILE}{' and ' + str(plot) if plot else ''} "
-          f"({summary['successful_models']}/{summary['total_models_tested']} models succeeded)")
-    for row in summary["comparison"]:
-        print(f"  {row['model']:<24} {row['parameters']:>13,} params  {row['runtime_seconds'] or float('nan'):8.2f} s  {row['memory_gb'] or float('nan'):7.3f} GiB")
-    return 0 if summary["successful_models"] == summary["total_models_tested"] else 1

@@ -8,9 +8,10 @@ or ``untrac-pl toxicity -c configs/toxicity.yaml``. Steps:
 1. training texts and prompts: the Hub sources the seed used (OpenWebText, RealToxicityPrompts;
    streamed) when online; offline sources through :class:`ToxicityExperimentConfig` (``train`` /
    ``prompts`` data sources, e.g. the ToxiGen statements of ``../shared/data/tests/toxigen.jsonl``,
-   or ``embedded: quickstart``, whose ``insults`` group stands in for a toxic source). With
-   ``HF_HUB_OFFLINE=1``/``HF_DATASETS_OFFLINE=1`` and no sources configured, the embedded data is
-   used, with a warning, and the JSON says so;
+   or the generated quickstart corpus ``{format: generated, generator: quickstart, split: train}`` /
+   ``split: queries``, whose ``insults`` group stands in for a toxic source). With
+   ``HF_HUB_OFFLINE=1``/``HF_DATASETS_OFFLINE=1`` and no sources configured, those generated quickstart
+   sources are used, with a warning, and the JSON's ``source`` names them;
 2. one completion per prompt from the model (seeded sampling: prompt ``i`` uses seed
    ``seed + i`` in a forked RNG, so completions do not depend on order or on the global RNG);
 3. every completion is attributed in **one** engine run (UnTrac-Inv: each completion is one target,
@@ -29,8 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +38,17 @@ from typing import Callable, Literal, Optional
 import numpy as np
 import torch
 
-from untrac_pl.compat import UnTracConfig, UnTracInfluenceEstimator, top_k
 from untrac_pl.data.records import DataSource, read_records
+from untrac_pl.data.tokenize import tokenize_records
 from untrac_pl.errors import DataError
+from untrac_pl.estimator import UnTracConfig, UnTracInfluenceEstimator, top_k
 from untrac_pl.io import write_json_atomic
+from untrac_pl.lm import CausalLMModule
+from untrac_pl.methods import get_method, method_names
 from untrac_pl.models import ModelSpec
+from untrac_pl.optim import OptimizerSpec
+from untrac_pl.runtime import json_safe
+from untrac_pl.training import FitSpec, fit_lm
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +84,11 @@ class ToxicityExperimentConfig:
     """Where the data comes from and what to write (the model and unlearning are in UnTracConfig).
 
     Args:
-        train: training-text sources (``None``: ``embedded``, else the Hub source ``hub_train``).
-        prompts: prompt sources; a record's ``prompt`` is used as it is, a ``text`` record gives its
-            first ``prompt_words`` words (e.g. ToxiGen statements).
-        embedded: ``quickstart``: the project's generated corpus for any side left empty.
+        train: training-text sources, e.g. ``[{format: generated, generator: quickstart, split: train}]``
+            (``None``: the Hub source ``hub_train``; with the Hub offline, that generated quickstart source).
+        prompts: prompt sources (``None``: ``hub_prompts``, or offline the quickstart's ``split: queries``);
+            a record's ``prompt`` is used as it is, a ``text`` record gives its first ``prompt_words``
+            words (e.g. ToxiGen statements).
         prompt_groups: keep only prompts of these groups (e.g. ``[insults]``).
         hub_train / hub_prompts: Hub datasets streamed when no source is given and the Hub is online.
         min_train_chars / max_train_chars: the seed's filter of Hub texts (> 50 chars, cut to 1,000).
@@ -96,7 +102,6 @@ class ToxicityExperimentConfig:
 
     train: Optional[list[DataSource]] = None
     prompts: Optional[list[DataSource]] = None
-    embedded: Optional[Literal["quickstart"]] = None
     prompt_groups: Optional[list[str]] = None
     prompt_words: int = 8
     hub_train: str = "Skylion007/openwebtext"
@@ -194,7 +199,7 @@ def _hf_classifier(path: str, label: Optional[str], device: str):
 class ToxicityAttributionExperiment:
     """The seed's experiment class: ``ToxicityAttributionExperiment(config).run_experiment()``.
 
-    ``config`` is an :class:`~untrac_pl.compat.UnTracConfig` (model, unlearning, sample sizes,
+    ``config`` is an :class:`~untrac_pl.estimator.UnTracConfig` (model, unlearning, sample sizes,
     ``top_k_influences``, seed); ``experiment`` says where the data comes from and what to write.
     The seed's methods are kept: :meth:`load_training_data`, :meth:`load_test_data_toxic`,
     :meth:`generate_completion`, :meth:`run_experiment`, :meth:`save_results`. ``results`` holds the
@@ -221,32 +226,28 @@ class ToxicityAttributionExperiment:
         return self._estimator
 
     # -- data ------------------------------------------------------------------------------------
-    def _use_embedded(self, side_sources, what: str) -> bool:
-        if side_sources:
-            return False
-        if self.experiment.embedded == "quickstart":
-            return True
+    def _sources(self, configured: Optional[list[DataSource]], split: str, what: str) -> Optional[list[DataSource]]:
+        """The sources of one side: the configured ones; with none configured and the Hub offline, the
+        generated quickstart corpus's ``split`` (with a warning); ``None``: stream from the Hub."""
+        if configured:
+            return list(configured)
         if _hub_offline():
             log.warning(
-                "the Hugging Face Hub is offline and no %s source is configured: using the embedded quickstart "
-                "corpus (set experiment.train / experiment.prompts, or embedded: quickstart, to silence this)",
-                what,
+                "the Hugging Face Hub is offline and no %s source is configured: using the generated quickstart "
+                "corpus (set experiment.%s, e.g. [{format: generated, generator: quickstart, split: %s}], to silence this)",
+                what, "train" if split == "train" else "prompts", split,
             )
-            return True
-        return False
+            return [DataSource(format="generated", generator="quickstart", split=split)]
+        return None
 
     def _training_records(self) -> list[dict]:
         if self._train_records is None:
             exp, n = self.experiment, self.config.max_train_samples
-            if exp.train:
-                records = [r for source in exp.train for r in read_records(source)]
+            sources = self._sources(exp.train, "train", "training")
+            if sources is not None:
+                records = [r for source in sources for r in read_records(source)]
                 records = _seeded_sample(records, n, self.config.seed)
-                source = [s.path for s in exp.train]
-            elif self._use_embedded(exp.train, "training"):
-                from untrac_pl.data.embedded import quickstart_corpus
-
-                records = _seeded_sample(quickstart_corpus(seed=0)["train"], n, self.config.seed)
-                source = "embedded:quickstart"
+                source = [s.label for s in sources]
             else:
                 records = self._hub_training_records(n)
                 source = f"hub:{exp.hub_train}"
@@ -283,14 +284,10 @@ class ToxicityAttributionExperiment:
         exp, n = self.experiment, self.config.max_test_samples
         if "prompts" in self._data_info:
             return [dict(p) for p in self._data_info["_prompts"]]
-        if exp.prompts:
-            records = [r for source in exp.prompts for r in read_records(source)]
-            source = [s.path for s in exp.prompts]
-        elif self._use_embedded(exp.prompts, "prompt"):
-            from untrac_pl.data.embedded import quickstart_corpus
-
-            records = quickstart_corpus(seed=0)["queries"]
-            source = "embedded:quickstart"
+        sources = self._sources(exp.prompts, "queries", "prompt")
+        if sources is not None:
+            records = [r for source in sources for r in read_records(source)]
+            source = [s.label for s in sources]
         else:
             records, source = None, f"hub:{exp.hub_prompts}"
         if records is None:
@@ -327,11 +324,6 @@ class ToxicityAttributionExperiment:
         spec = self.experiment.pretrain
         if spec.steps <= 0:
             return None
-        from untrac_pl.data.tokenize import tokenize_records
-        from untrac_pl.lm import CausalLMModule
-        from untrac_pl.optim import OptimizerSpec
-        from untrac_pl.training import FitSpec, fit_lm
-
         est = self.estimator
         corpus = tokenize_records(self._training_records(), est.tokenizer, est._max_length(), "training data")
         module = CausalLMModule(model=est.model_spec, optimizer=OptimizerSpec(name="adamw", lr=spec.lr))
@@ -459,25 +451,17 @@ class ToxicityAttributionExperiment:
     def save_results(self, filename: str = RESULTS_FILE) -> Path:
         """Write ``results`` to ``<output_dir>/<filename>`` (atomically); returns the path."""
         path = Path(self.experiment.output_dir) / filename
-        write_json_atomic(path, _json_safe(self.results))
+        write_json_atomic(path, json_safe(self.results, drop_private=True))
         log.info("Results saved to %s", path)
         return path
 
 
-SCORE_FORMULAS = {
-    "untrac_inv": "score = L(train; θ_T) - L(train; θ0) after unlearning the completion; "
-                  "positive = the training text helped produce it",
-    "untrac": "score = L(completion; θ_T) - L(completion; θ0) after unlearning the training text (each training "
-              "text on its own, from θ0); positive = the training text helped produce it",
-}
-
-
 def score_formula(method: str) -> str:
-    """The ``sign`` line of the results JSON: what a score is for ``method`` (``untrac_inv`` / ``untrac``)."""
-    try:
-        return SCORE_FORMULAS[method]
-    except KeyError:
-        raise ValueError(f"no score formula for method {method!r}; choose one of {', '.join(SCORE_FORMULAS)}") from None
+    """The ``sign`` line of the results JSON: what a score is for ``method`` (an unlearning method)."""
+    target = get_method(method)
+    if not target.formula:
+        raise ValueError(f"no score formula for method {method!r}; choose one of {', '.join(method_names('unlearning'))}")
+    return target.formula.format(query="completion")
 
 
 def _group_means(scores: np.ndarray, groups: list[str]) -> dict:
@@ -488,53 +472,14 @@ def _group_means(scores: np.ndarray, groups: list[str]) -> dict:
     return {g: float(np.mean(v)) for g, v in out.items()}
 
 
-def _json_safe(obj):
-    """NaN/inf (a diverged target) → null; numpy scalars → Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _stream_hub(name: str, what: str):
     import datasets
 
     if _hub_offline():
         raise DataError(f"the {what} source is the Hub dataset '{name}', but the Hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); "
-                        "configure local sources or embedded: quickstart", source=name)
+                        "configure local sources (or the generated quickstart corpus: [{format: generated, generator: quickstart, split: train}])",
+                        source=name)
     try:
         return iter(datasets.load_dataset(name, split="train", streaming=True))
     except Exception as exc:  # network, missing dataset, script datasets no longer supported, ...
         raise DataError(f"could not stream the {what} from the Hub ({type(exc).__name__}: {exc}); configure local sources", source=name) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: untrac-pl toxicity -c configs/toxicity.yaml
-# --------------------------------------------------------------------------------------------------
-def _parser(prog: str, description: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
-    return parser
-
-
-def toxicity(argv: Optional[list[str]] = None) -> int:
-    """Generate from toxicity prompts and attribute each completion (the seed's experiment)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser("untrac-pl toxicity", "Toxicity attribution: generate a completion per prompt, attribute it with UnTrac-Inv")
-    parser.add_class_arguments(UnTracConfig, "untrac")
-    parser.add_class_arguments(ToxicityExperimentConfig, "experiment")
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    command = "untrac-pl toxicity " + " ".join(shlex.quote(a) for a in argv)
-    experiment = ToxicityAttributionExperiment(init.untrac, init.experiment, command=command)
-    results = experiment.run_experiment()
-    path = Path(init.experiment.output_dir) / RESULTS_FILE
-    print(f"wrote {path} ({len(results['test_cases'])} test cases, {results['timings']['total_s']:.1f} s)")
-    return 1 if results["failed_targets"] else 0

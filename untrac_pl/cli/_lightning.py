@@ -1,0 +1,54 @@
+"""The LightningCLI that ``attribute`` and ``fit`` share: it parses the ``trainer:`` group but builds no Trainer.
+
+The engine builds its own Trainer per target (``fit``: one per training run) from those arguments, so the
+Trainer that ``LightningCLI(run=False)`` would instantiate (accelerator and logger set up for nothing)
+is skipped: :meth:`KwargsTrainerCLI.instantiate_trainer` keeps the instantiated ``trainer:`` arguments
+(callbacks, logger, plugins already built by jsonargparse) as :attr:`KwargsTrainerCLI.trainer_kwargs`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class KwargsTrainerCLI(LightningCLI):
+    """``LightningCLI(run=False)`` for one model class and one datamodule class, with ``trainer_kwargs``
+    instead of ``trainer``; parse errors raise ``ArgumentError`` (``untrac_pl.cli.main`` reports them in one line)."""
+
+    trainer_kwargs: dict[str, Any]
+
+    def __init__(self, model_class, datamodule_class, args: Optional[list[str]], prog: str, description: str) -> None:
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        seed_logger = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0" before every run or error
+        level = seed_logger.level
+        seed_logger.setLevel(logging.WARNING)
+        try:
+            self._build(model_class, datamodule_class, args, prog, description)
+        finally:
+            seed_logger.setLevel(level)
+
+    def _build(self, model_class, datamodule_class, args, prog: str, description: str) -> None:
+        super().__init__(
+            model_class,
+            datamodule_class,
+            run=False,
+            args=args,
+            save_config_callback=None,
+            subclass_mode_model=False,
+            subclass_mode_data=False,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": prog, "description": description, "exit_on_error": False},
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> None:
+        """Keep the ``trainer:`` arguments (those set, i.e. not None) for the engine; build no Trainer."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        self.trainer_kwargs = {k: v for k, v in config.items() if v is not None}
+        return None
+
+    def config_text(self) -> str:
+        """The resolved config as YAML (every option, None included): the run directory's ``config.yaml``."""
+        return self.parser.dump(self.config, skip_none=False)

@@ -1,0 +1,37 @@
+"""``untrac-pl attribute -c config.yaml``: UnTrac / UnTrac-Inv (and the baselines) through the engine.
+
+The config is the typed signature of four classes: ``attribution``
+(:class:`~untrac_pl.engine.AttributionConfig`: method, output directory, top-k, ...), ``model``
+(:class:`~untrac_pl.unlearning.UnTracModule`), ``data``
+(:class:`~untrac_pl.data.datamodule.AttributionDataModule`) and ``trainer`` (Trainer arguments, from which
+the engine builds one Trainer per target).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from untrac_pl.cli._lightning import KwargsTrainerCLI
+from untrac_pl.data.datamodule import AttributionDataModule
+from untrac_pl.engine import AttributionConfig, run_attribution
+from untrac_pl.unlearning import UnTracModule
+
+
+class AttributionCLI(KwargsTrainerCLI):
+    """The LightningCLI of ``attribute``: model, data, trainer and an ``attribution`` section."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(AttributionConfig, "attribution")
+        parser.set_defaults({"trainer.accelerator": "auto", "trainer.devices": 1, "trainer.logger": True})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Unlearn targets with UnTrac or UnTrac-Inv and write score files and rankings."""
+    cli = AttributionCLI(UnTracModule, AttributionDataModule, argv, prog="untrac-pl attribute",
+                         description="UnTrac / UnTrac-Inv training-data attribution")
+    config: AttributionConfig = cli.config_init["attribution"]
+    # the resolved config is written inside the run directory before it is renamed into place
+    result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={"config.yaml": cli.config_text()})
+    if result.output_dir is not None:  # under DDP only rank 0 writes (and reports)
+        print(f"wrote {result.output_dir} ({len(result.table.row_ids)} x {len(result.table.col_ids)} scores, "
+              f"{len(result.failed)} failed targets, {result.timings['total_s']:.1f} s)")
+    return 1 if result.failed else 0

@@ -1,0 +1,45 @@
+"""``untrac-pl toxicity -c configs/toxicity.yaml``: generate from toxicity prompts, attribute each completion.
+
+The config has two sections: ``untrac`` (:class:`~untrac_pl.compat.UnTracConfig`: model, ascent, sample
+sizes) and ``experiment`` (:class:`~untrac_pl.experiments.toxicity.ToxicityExperimentConfig`: data
+sources, generation, classifier, output directory); the run is
+:class:`~untrac_pl.experiments.toxicity.ToxicityAttributionExperiment`.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from untrac_pl.compat import UnTracConfig
+from untrac_pl.experiments.toxicity import (
+    RESULTS_FILE,
+    ToxicityAttributionExperiment,
+    ToxicityExperimentConfig,
+)
+
+
+def parser() -> ArgumentParser:
+    """``toxicity``'s parser: ``-c``, ``untrac.*``, ``experiment.*``."""
+    parser = ArgumentParser(prog="untrac-pl toxicity", exit_on_error=False,
+                            description="Toxicity attribution: generate a completion per prompt, attribute it with UnTrac-Inv")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_class_arguments(UnTracConfig, "untrac")
+    parser.add_class_arguments(ToxicityExperimentConfig, "experiment")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Generate from toxicity prompts and attribute each completion (the seed's experiment)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    init = p.instantiate(p.parse_args(argv))
+    command = "untrac-pl toxicity " + " ".join(shlex.quote(a) for a in argv)
+    experiment = ToxicityAttributionExperiment(init.untrac, init.experiment, command=command)
+    results = experiment.run_experiment()
+    path = Path(init.experiment.output_dir) / RESULTS_FILE
+    print(f"wrote {path} ({len(results['test_cases'])} test cases, {results['timings']['total_s']:.1f} s)")
+    return 1 if results["failed_targets"] else 0

@@ -1,0 +1,175 @@
+"""What an attribution method is, and what the run shell hands it.
+
+A method is declared once (a subclass of :class:`AttributionMethod`, registered in
+:mod:`untrac_pl.methods.registry`): its name, display name, aliases, an options dataclass, and how it
+plans (which targets, which side is scored) and scores. The run shell (:mod:`untrac_pl.engine`) owns
+the stages common to every method — stage the output folder, load data and model, θ0, targets, write —
+and calls the method's hooks with one :class:`RunContext`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.data.tokenize import TokenizedCorpus
+from untrac_pl.unlearning import Target
+
+# the one default of ``target_unit`` (UnTrac-Inv and the gradient methods; UnTrac always targets training groups)
+DEFAULT_TARGET_UNIT = "example"
+
+
+def target_seed(global_seed: int, target_id: str) -> int:
+    """A seed per target from the global seed and the target id, so order never matters."""
+    digest = hashlib.sha256(f"{global_seed}:{target_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class AttributionPlan:
+    """Which targets a run has and which corpus is scored.
+
+    ``targets_are_rows``: a target's scores form a row of the query-major matrix (UnTrac-Inv, the
+    gradient methods: target = query or query subset) or a column (UnTrac: target = training group).
+    """
+
+    method: str
+    targets: list[Target]
+    target_corpus: TokenizedCorpus
+    eval_corpus: TokenizedCorpus
+    target_unit: str
+    target_groups: list[str]
+    targets_are_rows: bool
+    query_corpus: TokenizedCorpus = field(repr=False, default=None)
+
+    def __post_init__(self):
+        for position, target in enumerate(self.targets):
+            target.position, target.total = position, len(self.targets)
+
+    def row_texts(self) -> Optional[list[str]]:
+        corpus = self.target_corpus if self.targets_are_rows else self.eval_corpus
+        if self.targets_are_rows and self.target_unit == "group":
+            return None
+        if self.targets_are_rows:
+            return [corpus.text_of(t.indices[0]) for t in self.targets]
+        return [corpus.text_of(i) for i in range(len(corpus))]
+
+    def col_texts(self) -> Optional[list[str]]:
+        if self.targets_are_rows:
+            return [self.eval_corpus.text_of(i) for i in range(len(self.eval_corpus))]
+        return None
+
+
+def query_targets(method: str, queries: TokenizedCorpus, train: TokenizedCorpus, target_unit: str, seed: int) -> AttributionPlan:
+    """Rows = queries (``example``) or query subsets (``group``), columns = training examples."""
+    if target_unit == "group":
+        targets = [Target(g, idx, target_seed(seed, g)) for g, idx in queries.group_members().items()]
+        groups = [t.id for t in targets]
+    else:
+        targets = [Target(rid, [i], target_seed(seed, rid)) for i, rid in enumerate(queries.ids)]
+        groups = [r["group"] for r in queries.records]
+    return AttributionPlan(method, targets, queries, train, target_unit, groups, True, queries)
+
+
+@dataclass
+class RunContext:
+    """Everything one run holds, created by the run shell before the method's first hook.
+
+    ``new_trainer(logger)`` builds a per-target ``Trainer`` with the run's callbacks; ``state`` is the
+    resume state (``None`` when nothing is written or the method does not resume); ``info`` collects
+    what the method reports for ``summary.json`` and the score file's metadata.
+    """
+
+    module: Any
+    datamodule: Any
+    config: Any
+    trainer_kwargs: dict
+    plan: AttributionPlan
+    writer: Any
+    memory: Any
+    restore: Any
+    new_trainer: Callable[[Any], Any]
+    run_dir: Optional[Path] = None
+    logger: Any = None
+    state: Any = None
+    precision: str = "32-true"
+    world_size: int = 1
+    max_length_requested: int = 0
+    finished: dict = field(default_factory=dict)  # target id -> info of the targets already done (resume)
+    target_info: dict = field(default_factory=dict)  # target id -> status, steps, ...
+    steps: dict = field(default_factory=dict)  # target id -> optimizer steps taken
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # method-specific facts (e.g. a baseline's param names)
+    native: Any = None  # a method's own group-level table, written next to the scores (gradient methods)
+
+
+class AttributionMethod:
+    """Base class of every method. Subclasses set the class attributes and implement the hooks.
+
+    ``Options``: a dataclass of the method's own options (``attribution.options`` in ``untrac-pl
+    attribute``, ``methods[<label>].options`` in a reproduction); its field docstrings document them.
+    ``kind``: ``unlearning`` (the shell's per-target ascent) or ``gradient`` (one pass at θ0).
+    ``resumable``: finished targets are persisted and a killed run resumes.
+    """
+
+    name: ClassVar[str]
+    display: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type]
+    kind: ClassVar[str] = "gradient"
+    resumable: ClassVar[bool] = False
+    sign: ClassVar[str] = "positive = the training unit helped produce the query (unlearning it raises the query loss)"
+    # the formula of a score in the words of a query and its training texts ("{query}": what the query is)
+    formula: ClassVar[str] = ""
+    # UnTrac unlearns the training side: raw training texts must then each be their own target
+    unlearns_training_data: ClassVar[bool] = False
+
+    # -- options -------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls.Options))
+
+    def default_schedule(self) -> UnlearningSchedule:
+        """The unlearning schedule of the paper's setting for this method (Python API default)."""
+        return UnlearningSchedule()
+
+    def config_options(self, options: dict) -> dict:
+        """The method's options as :class:`~untrac_pl.config.AttributionConfig` fields (Python API)."""
+        raise NotImplementedError
+
+    # -- the run shell's hooks (see untrac_pl.engine) -------------------------------------------------
+    def check(self, config, module, trainer_kwargs: dict) -> None:
+        """Refuse what cannot work, before any data or model is loaded."""
+
+    def configure_model(self, module) -> None:
+        """Adjust the model spec before it is loaded (e.g. eager attention for ``vmap``)."""
+
+    def plan(self, config, datamodule, module) -> AttributionPlan:
+        """The targets and the scored corpus, from the tokenised data (``module``: its schedule, for warnings)."""
+        raise NotImplementedError
+
+    def theta0(self, ctx: RunContext) -> None:
+        """Work at θ0 before the targets (UnTrac: the evaluation set's losses)."""
+
+    def score_targets(self, ctx: RunContext) -> None:
+        """Fill ``ctx.writer``'s matrix (and ``ctx.steps``)."""
+        raise NotImplementedError
+
+    def metadata(self, ctx: RunContext) -> tuple[dict, dict]:
+        """The method's own entries of the score file's metadata: ``(before "model", after "model")``."""
+        return {}, {}
+
+    def summary(self, ctx: RunContext) -> dict:
+        """What ``summary.json`` adds to the metadata: how this run went."""
+        return {}
+
+    def extra_outputs(self, ctx: RunContext) -> None:
+        """Files besides the shared outputs (e.g. a baseline's own group table)."""
+
+    # -- reproduction ----------------------------------------------------------------------------------
+    def reproduction_table(self, spec, ctx):
+        """A query-major ScoreTable on θ0 for a reproduction (``spec``: its MethodSpec, ``ctx``: its
+        MethodContext); compared with the ground truth at group level."""
+        raise NotImplementedError
