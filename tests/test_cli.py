@@ -74,12 +74,12 @@ def _bad_run(tmp_path, *extra):
 @pytest.mark.parametrize(
     "setup, extra, message",
     [
-        (None, ["--data.train=null", "--data.train=[{path: MISSING}]"], "MISSING: file not found"),
-        ("", ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE: no records"),
-        ('{"text": "ok ok"}\n{oops\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE, line 2: not valid JSON"),
-        ('{"group": "g"}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "FILE, line 1, field 'text'"),
-        ('{"text": ""}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "text is empty"),
-        ('{"body": "hi"}\n', ["--data.train=null", "--data.train=[{path: FILE}]"], "fields present: body"),
+        (None, ["--data.train=[{path: MISSING}]"], "MISSING: file not found"),
+        ("", ["--data.train=[{path: FILE}]"], "FILE: no records"),
+        ('{"text": "ok ok"}\n{oops\n', ["--data.train=[{path: FILE}]"], "FILE, line 2: not valid JSON"),
+        ('{"group": "g"}\n', ["--data.train=[{path: FILE}]"], "FILE, line 1, field 'text'"),
+        ('{"text": ""}\n', ["--data.train=[{path: FILE}]"], "text is empty"),
+        ('{"body": "hi"}\n', ["--data.train=[{path: FILE}]"], "fields present: body"),
         (None, ["--model.model.name_or_path=./no/model/here", "--model.model.config=null"], "path './no/model/here' does not exist"),
         (None, ["--model.model.name_or_path=gpt2", "--model.model.config=null", "--model.model.train_tokenizer_vocab=null"], "Hub is offline"),
         (None, ["--data.max_length=1"], "max_length must be >= 2"),
@@ -87,8 +87,7 @@ def _bad_run(tmp_path, *extra):
     ids=["missing-file", "empty-file", "bad-json", "no-text", "empty-text", "unknown-field", "no-model-path", "hub-offline", "max-length"],
 )
 def test_bad_input_clear_error_and_no_complete_output(tmp_path, capsys, setup, extra, message):
-    # --data.train=null first: the quickstart config's train list is a generated source, and a same-length
-    # list on the command line is merged item by item with it (docs/input_catalogue.md, C51)
+    # the command-line source list replaces the quickstart config's generated one (docs/input_catalogue.md, C51)
     data = tmp_path / "data.jsonl"
     if setup is not None:
         data.write_text(setup)

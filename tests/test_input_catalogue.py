@@ -524,20 +524,17 @@ def test_c50_removed_embedded_key(tmp_path, capsys):
     assert_no_complete_output(out)
 
 
-def test_c51_command_line_source_list_merged_into_a_generated_one(tmp_path, capsys):
+def test_c51_command_line_source_list_replaces_the_configs(tmp_path, capsys):
+    """``-c configs/quickstart.yaml --data.train='[{path: ...}]'``: the file replaces the generated source (a
+    list on the command line replaces the config's; jsonargparse alone would merge the two items)."""
     data = _jsonl(tmp_path / "mine.jsonl", GOOD_TRAIN)
-    out = tmp_path / "out"
-    rc, err = _cli([f"--data.train=[{{path: {data}}}]", f"--attribution.output_dir={out}"], capsys)
-    assert rc == 2 and "\n" not in err, err
-    assert f"{data}, field 'path': set either path (a file or dataset) or generator (format: generated), not both (generator: quickstart)" in err
-    assert "reset it first, e.g. --data.train=null --data.train='[{path: ...}]'" in err
-    assert_no_complete_output(out)
-    # reset first: the file replaces the generated source
-    with pytest.raises(SystemExit):
-        _cli(["--data.train=null", f"--data.train=[{{path: {data}}}]", "--print_config"], capsys)
-    resolved = yaml.safe_load(capsys.readouterr().out)["data"]
-    assert [(s["path"], s["generator"]) for s in resolved["train"]] == [(str(data), None)]
-    assert [(s["generator"], s["split"]) for s in resolved["queries"]] == [("quickstart", "queries")]  # the config's, unchanged
+    for args in ([f"--data.train=[{{path: {data}}}]"], ["--data.train", f"[{{path: {data}}}]"],
+                 ["--data.train=null", f"--data.train=[{{path: {data}}}]"]):
+        with pytest.raises(SystemExit):
+            _cli([*args, "--print_config"], capsys)
+        resolved = yaml.safe_load(capsys.readouterr().out)["data"]
+        assert [(s["path"], s["generator"], s["format"]) for s in resolved["train"]] == [(str(data), None, "auto")], args
+        assert [(s["generator"], s["split"]) for s in resolved["queries"]] == [("quickstart", "queries")]  # the config's, unchanged
 
 
 # -- the catalogue itself ---------------------------------------------------------------------------------

@@ -130,3 +130,20 @@ def test_each_baselines_options_are_exactly_its_scoring_functions_keywords():
             taken += [n for n in keywords(_Setup.__init__)[0] if n not in taken]
         declared = [f.name for f in fields(method.Options) if not f.metadata.get("runner")]
         assert declared == taken, name
+
+
+def test_help_documents_every_method_and_its_options(capsys):
+    from dataclasses import fields
+
+    from untrac_pl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    text = capsys.readouterr().out
+    epilog = text[text.index("methods (attribution.method)"):]
+    for name in method_names():
+        method = get_method(name)
+        assert f"  {name}: {method.display}" in epilog
+        for f in fields(method.Options):
+            assert f"      {f.name} = {f.default!r}" in epilog, (name, f.name)
+    assert "attribution.method METHOD" in text and "hyphens and aliases" in text  # the field's own docstring

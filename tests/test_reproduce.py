@@ -39,8 +39,8 @@ def _cfg(tmp_path) -> ReproduceConfig:
 
 
 METHODS = [
-    MethodSpec(name="untrac", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_epochs=1, batch_size=1), samples_per_group=6),
-    MethodSpec(name="untrac_inv", target_unit="group", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None), samples_per_group=12),
+    MethodSpec(name="untrac", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_epochs=1, batch_size=1), data={"samples_per_group": 6}),
+    MethodSpec(name="untrac_inv", target_unit="group", optimizer=OptimizerSpec(name="adam", lr=1e-3), unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None), data={"samples_per_group": 12}),
 ]
 
 
@@ -159,10 +159,10 @@ def test_untrac_takes_the_same_number_of_ascent_steps_per_group(planted_run):
     """Every training group gets an equal-size sample (``samples_per_group``), hence the same number of steps."""
     tmp, _, info = planted_run
     meta = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "untrac.safetensors").metadata
-    assert set(info["num_train_per_group"].values()) != {METHODS[0].samples_per_group}  # groups differ in size...
-    assert meta["optimizer_steps"] == {g: METHODS[0].samples_per_group for g in info["num_train_per_group"]}  # ...steps do not
+    assert set(info["num_train_per_group"].values()) != {METHODS[0].data.samples_per_group}  # groups differ in size...
+    assert meta["optimizer_steps"] == {g: METHODS[0].data.samples_per_group for g in info["num_train_per_group"]}  # ...steps do not
     inv = ScoreTable.load(tmp / "scores" / "toy" / "seed0" / "untrac_inv.safetensors")
-    assert len(inv.col_ids) == sum(min(n, METHODS[1].samples_per_group) for n in info["num_train_per_group"].values())
+    assert len(inv.col_ids) == sum(min(n, METHODS[1].data.samples_per_group) for n in info["num_train_per_group"].values())
 
 
 def test_resume_refuses_seed_folders_computed_with_another_configuration(planted_run):
@@ -177,7 +177,7 @@ def test_resume_refuses_seed_folders_computed_with_another_configuration(planted
     tmp, cfg, _ = planted_run
     seed_dir = tmp / "scores" / "toy" / "seed0"
     shared = shared_fingerprint(cfg, "toy", {"accelerator": "cpu"})
-    check_resumable(seed_dir, shared, METHODS + [MethodSpec(name="graddot", samples_per_group=12)])  # same + a new label
+    check_resumable(seed_dir, shared, METHODS + [MethodSpec(name="graddot", data={"samples_per_group": 12})])  # same + a new label
     check_resumable(seed_dir, shared_fingerprint(cfg, "toy", {"accelerator": "cpu", "devices": 1}), METHODS)  # not score-relevant
     longer = shared_fingerprint(replace(cfg, fit=replace(cfg.fit, max_steps=41)), "toy", {"accelerator": "cpu"})
     with pytest.raises(ReproduceResumeError, match=r"fit\.max_steps \(40 -> 41\)"):

@@ -14,9 +14,9 @@ from untrac_pl.scores import ScoreTable
 from untrac_pl.training import FitSpec
 
 BASELINES = [
-    MethodSpec(name="graddot", samples_per_group=12),
-    MethodSpec(name="tracin", samples_per_group=12),
-    MethodSpec(name="hif_lissa", samples_per_group=12,
+    MethodSpec(name="graddot", data={"samples_per_group": 12}),
+    MethodSpec(name="tracin", data={"samples_per_group": 12}),
+    MethodSpec(name="hif_lissa", data={"samples_per_group": 12},
                options={"iterations": 3, "hessian_samples_per_group": 2, "damping_iterations": 3, "query_ihvp": "group"}),
 ]
 
@@ -103,7 +103,7 @@ def test_untrac_options_reach_the_engine(quickstart, tiny_tokenizer, monkeypatch
     ctx = MethodContext(net=build_model(model_spec, tiny_tokenizer), tokenizer=tiny_tokenizer, model_spec=model_spec,
                         train_records=quickstart["train"], query_records=quickstart["queries"][:4], seed=0, max_length=32,
                         trainer_kwargs={"accelerator": "cpu"})
-    spec = MethodSpec(name="untrac_inv", target_unit="example", samples_per_group=2,
+    spec = MethodSpec(name="untrac_inv", target_unit="example", data={"samples_per_group": 2},
                       unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None),
                       options={"targets_per_pass": 2, "snapshot_device": "cpu"})
     table = run_method(spec, ctx)

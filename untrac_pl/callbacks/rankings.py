@@ -75,8 +75,13 @@ class RankingWriter(BasePredictionWriter):
             self.matrix[target.position] = row
 
     def mark_failed(self, target_id: str, reason: str, step: Optional[int]) -> None:
-        self.failed[target_id] = {"reason": reason, "step": step}
+        """A failed target: recorded, and its row blanked (NaN)."""
+        self.note_failed(target_id, {"reason": reason, "step": step})
         self.matrix[self._positions[target_id]] = float("nan")
+
+    def note_failed(self, target_id: str, failure: dict) -> None:
+        """Record a failure (``{"reason", "step"}``) without touching the scores (they stay as computed)."""
+        self.failed[target_id] = dict(failure)
 
     def set_matrix(self, matrix: torch.Tensor) -> None:
         """Every target's row at once (methods that score all targets in one pass)."""

@@ -7,11 +7,36 @@ is skipped: :meth:`KwargsTrainerCLI.instantiate_trainer` keeps the instantiated 
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import warnings
 from typing import Any, Optional
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+
+
+class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults) with the description and epilog kept as written (the method list)."""
+
+
+# list-valued data-source options: a list given on the command line replaces the config's list
+SOURCE_LISTS = ("data.train", "data.queries")
+
+
+def replace_source_lists(args: Optional[list[str]]) -> Optional[list[str]]:
+    """``--data.train=[...]`` after ``-c config.yaml`` replaces the config's sources (jsonargparse would merge
+    a list of the same length item by item, e.g. a file path into the config's generated source): each such
+    option is preceded by ``--data.train=null``, which resets the list first."""
+    if args is None:
+        return None
+    out: list[str] = []
+    for arg in args:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in SOURCE_LISTS and not (out and out[-1] == f"--{key}=null") and arg != f"--{key}=null":
+            out.append(f"--{key}=null")
+        out.append(arg)
+    return out
 
 
 class KwargsTrainerCLI(LightningCLI):
@@ -20,17 +45,17 @@ class KwargsTrainerCLI(LightningCLI):
 
     trainer_kwargs: dict[str, Any]
 
-    def __init__(self, model_class, datamodule_class, args: Optional[list[str]], prog: str, description: str) -> None:
+    def __init__(self, model_class, datamodule_class, args: Optional[list[str]], prog: str, description: str, epilog: Optional[str] = None) -> None:
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         seed_logger = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0" before every run or error
         level = seed_logger.level
         seed_logger.setLevel(logging.WARNING)
         try:
-            self._build(model_class, datamodule_class, args, prog, description)
+            self._build(model_class, datamodule_class, replace_source_lists(args), prog, description, epilog)
         finally:
             seed_logger.setLevel(level)
 
-    def _build(self, model_class, datamodule_class, args, prog: str, description: str) -> None:
+    def _build(self, model_class, datamodule_class, args, prog: str, description: str, epilog: Optional[str]) -> None:
         super().__init__(
             model_class,
             datamodule_class,
@@ -40,7 +65,8 @@ class KwargsTrainerCLI(LightningCLI):
             subclass_mode_model=False,
             subclass_mode_data=False,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": prog, "description": description, "exit_on_error": False},
+            parser_kwargs={"prog": prog, "description": description, "exit_on_error": False, "epilog": epilog,
+                           "formatter_class": RawDescriptionDefaultsHelpFormatter},
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Optional
 from untrac_pl.cli._lightning import KwargsTrainerCLI
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.engine import AttributionConfig, run_attribution
+from untrac_pl.methods import methods_help
 from untrac_pl.unlearning import UnTracModule
 
 
@@ -27,7 +28,7 @@ class AttributionCLI(KwargsTrainerCLI):
 def main(argv: Optional[list[str]] = None) -> int:
     """Unlearn targets with UnTrac or UnTrac-Inv and write score files and rankings."""
     cli = AttributionCLI(UnTracModule, AttributionDataModule, argv, prog="untrac-pl attribute",
-                         description="UnTrac / UnTrac-Inv training-data attribution")
+                         description="UnTrac / UnTrac-Inv training-data attribution", epilog=methods_help())
     config: AttributionConfig = cli.config_init["attribution"]
     # the resolved config is written inside the run directory before it is renamed into place
     result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={"config.yaml": cli.config_text()})

@@ -115,9 +115,8 @@ def _stem(source: DataSource) -> str:
 def _infer_format(source: DataSource) -> str:
     if source.generator is not None and source.format in ("auto", "generated"):
         if source.path is not None:
-            raise DataError(f"set either path (a file or dataset) or generator (format: generated), not both (generator: {source.generator}); "
-                            "a list of sources given on the command line is merged item by item with the config's list of the same "
-                            "length: reset it first, e.g. --data.train=null --data.train='[{path: ...}]'", source=source.label, field="path")
+            raise DataError(f"set either path (a file or dataset) or generator (format: generated), not both (generator: {source.generator})",
+                            source=source.label, field="path")
         return "generated"
     if source.format == "generated":
         raise DataError("format: generated needs a generator (e.g. generator: quickstart)", source=source.label, field="generator")

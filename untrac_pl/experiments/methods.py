@@ -10,7 +10,7 @@ every method anyway).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -26,7 +26,21 @@ from untrac_pl.optim import OptimizerSpec
 from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
 
-__all__ = ["MethodContext", "MethodOptionError", "MethodSpec", "run_method"]
+__all__ = ["MethodContext", "MethodData", "MethodOptionError", "MethodSpec", "run_method"]
+
+
+@dataclass
+class MethodData:
+    """A method's data options in a reproduction: the fields of ``untrac-pl attribute``'s ``data`` section
+    that can differ between methods (:class:`~untrac_pl.data.datamodule.AttributionDataModule`).
+
+    Args:
+        samples_per_group: equal-size seeded sample of each training group (paper: 10,000 per corpus for UnTrac).
+        query_samples_per_group: the same for the query subsets.
+    """
+
+    samples_per_group: Optional[int] = None
+    query_samples_per_group: Optional[int] = None
 
 
 @dataclass
@@ -37,8 +51,10 @@ class MethodSpec:
     files (default: ``name``). ``optimizer``/``unlearning``: the ascent (UnTrac / UnTrac-Inv).
     ``target_unit``: UnTrac-Inv's targets (``group`` = the whole test subset as one target, the
     paper's setting; the default is the project's one default, ``example``, as in ``untrac-pl
-    attribute``). ``samples_per_group``: equal-size sample of each training group (UnTrac's ascent
-    targets, UnTrac-Inv's evaluation set, a baseline's training side). ``options``: the method's
+    attribute``). ``data``: the method's data options, the same fields as ``untrac-pl attribute``'s
+    ``data.samples_per_group`` / ``data.query_samples_per_group`` (an equal-size sample of each
+    training group: UnTrac's ascent targets, UnTrac-Inv's evaluation set, a baseline's training side;
+    methods differ in the paper). ``options``: the method's
     options (its ``Options`` fields; for UnTrac / UnTrac-Inv ``targets_per_pass`` and
     ``snapshot_device``, for HIF e.g. ``hessian_samples_per_group: N``, the Hessian of a balanced
     N-per-group subset). Options a method does not take are refused when the spec is made
@@ -50,10 +66,12 @@ class MethodSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     unlearning: UnlearningSchedule = field(default_factory=UnlearningSchedule)
     target_unit: Literal["example", "group"] = DEFAULT_TARGET_UNIT
-    samples_per_group: Optional[int] = None
+    data: MethodData = field(default_factory=lambda: MethodData())
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = MethodData(**self.data)
         self.name = get_method(self.name).name
         check_options(self.name, self.options, where=f"methods[{self.key}].options", runner=True)
 
@@ -82,8 +100,8 @@ class MethodContext:
         module = UnTracModule(model=self.model_spec, optimizer=spec.optimizer, unlearning=spec.unlearning)
         module.attach(self.net, self.tokenizer)
         datamodule = AttributionDataModule.from_records(
-            self.train_records, self.query_records, max_length=self.max_length, samples_per_group=spec.samples_per_group,
-            sample_seed=self.seed, eval_batch_size=self.eval_batch_size,
+            self.train_records, self.query_records, max_length=self.max_length, sample_seed=self.seed,
+            eval_batch_size=self.eval_batch_size, **asdict(spec.data),
         )
         try:
             config = AttributionConfig(method=spec.name, target_unit=spec.target_unit, seed=self.seed, **dict(spec.options or {}))

@@ -7,7 +7,7 @@ is one class registered with :func:`register` (see docs/architecture.md, "How to
 # isort: off
 # registration order is the order methods are listed in (help, errors, tables): the unlearning methods first
 from untrac_pl.methods.base import DEFAULT_TARGET_UNIT, AttributionMethod, AttributionPlan, RunContext, query_targets, target_seed
-from untrac_pl.methods.registry import canonical_name, display_name, get_method, method_names, register, unregister
+from untrac_pl.methods.registry import canonical_name, display_name, get_method, method_names, methods_help, register, unregister
 from untrac_pl.methods.options import accepted_options, check_options
 from untrac_pl.methods.unlearning import UnlearningMethod, UnlearningOptions, UnTrac, UnTracInv
 from untrac_pl.methods.gradient import GradientMethod, compute_baseline_scores, eager_attention
@@ -15,7 +15,7 @@ from untrac_pl.methods.gradient import GradientMethod, compute_baseline_scores, 
 
 __all__ = [
     "DEFAULT_TARGET_UNIT", "AttributionMethod", "AttributionPlan", "RunContext", "query_targets", "target_seed",
-    "canonical_name", "display_name", "get_method", "method_names", "register", "unregister",
+    "canonical_name", "display_name", "get_method", "method_names", "methods_help", "register", "unregister",
     "accepted_options", "check_options", "UnlearningMethod", "UnlearningOptions", "UnTrac", "UnTracInv",
     "GradientMethod", "compute_baseline_scores", "eager_attention",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import field, make_dataclass, replace
+from dataclasses import asdict, field, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -38,7 +38,7 @@ from untrac_pl.methods.registry import (
     register,
 )
 from untrac_pl.outputs import BASELINE_GROUP_SCORES
-from untrac_pl.runtime import json_safe, peak_rss_bytes
+from untrac_pl.runtime import json_safe, peak_rss_bytes, resolve_device
 from untrac_pl.scores import ScoreTable
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,6 @@ def _checkpoints(value) -> list:
     return out
 
 
-def _trainer_device(trainer_kwargs: dict) -> torch.device:
-    accelerator = str(trainer_kwargs.get("accelerator", "auto")).lower()
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 # the sign note of rankings.json for methods that take gradients instead of unlearning
 GRADIENT_SIGN = ("positive = the training unit helped produce the query (its gradient is aligned with the "
                  "query's: a descent step on it lowers the query loss)")
@@ -178,7 +171,7 @@ class GradientMethod(AttributionMethod):
 
     def theta0(self, ctx: RunContext) -> None:
         net = ctx.module.net
-        device = _trainer_device(ctx.trainer_kwargs)
+        device = torch.device(resolve_device(str(ctx.trainer_kwargs.get("accelerator", "auto")).lower()))
         net.to(device)
         ctx.memory.set_model(net)
         if device.type == "cuda":
@@ -207,7 +200,7 @@ class GradientMethod(AttributionMethod):
         ctx.writer.set_matrix(matrix)
         bad = ~torch.isfinite(ctx.writer.matrix)
         for position in torch.nonzero(bad.any(dim=1)).flatten().tolist():
-            ctx.writer.failed[ctx.plan.targets[position].id] = {"reason": "non-finite baseline scores", "step": None}
+            ctx.writer.note_failed(ctx.plan.targets[position].id, {"reason": "non-finite baseline scores", "step": None})
         device = ctx.info["device"]
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         ctx.memory.record_peak("baseline", peak, device.type, None if device.type == "cuda" else "process peak RSS (getrusage)")
@@ -241,7 +234,7 @@ class GradientMethod(AttributionMethod):
         """The method on θ0 at group level (training group × test subset), by its own group rule."""
         # the same sampling and tokenisation as every other front end (data.samples_per_group of untrac-pl attribute)
         datamodule = AttributionDataModule.from_records(ctx.train_records, ctx.query_records, max_length=ctx.max_length,
-                                                        samples_per_group=spec.samples_per_group, sample_seed=ctx.seed)
+                                                        sample_seed=ctx.seed, **asdict(spec.data))
         datamodule.load_records()
         datamodule.connect(ctx.tokenizer)
         train, train_corpus, query_corpus = datamodule.train_records, datamodule.train_corpus, datamodule.query_corpus
@@ -347,7 +340,7 @@ class EKFAC(GradientMethod):
     Options = _options_class("ekfac", [
         ("batch_size", int, 8, "examples per batch"),
         ("pad_token_id", int, 0, "padding id (set from the tokenizer)"),
-        ("damping", Optional[float], None, "damping factor (null: kronfluence's heuristic)"),
+        ("damping", Optional[float], None, "damping factor (null: kronfluence's default damping_factor, 1e-8 in 1.0.1)"),
         ("strategy", str, "ekfac", "kronfluence strategy: ekfac, kfac, diagonal, identity"),
         ("output_dir", Optional[str], None, "kronfluence's working folder (null: a temporary one)"),
     ], shared=False)

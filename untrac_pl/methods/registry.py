@@ -13,6 +13,7 @@ looks a method up here. Registering a new method is one decorated class::
 from __future__ import annotations
 
 import difflib
+from dataclasses import fields
 from typing import Optional
 
 from untrac_pl.errors import MethodOptionError
@@ -73,3 +74,16 @@ def display_name(name: str) -> str:
         return get_method(name).display
     except MethodOptionError:
         return name
+
+
+def methods_help() -> str:
+    """Every registered method with its aliases and options (the ``Options`` fields and their docs), for ``--help``."""
+    lines = ["methods (attribution.method) and their options (attribution.baseline for gradient methods;",
+             "targets_per_pass / snapshot_device are attribution.* fields for UnTrac / UnTrac-Inv):"]
+    for name, method in _METHODS.items():
+        aliases = f" (also: {', '.join(method.aliases)})" if method.aliases else ""
+        lines.append(f"  {name}: {method.display}{aliases}")
+        for f in fields(method.Options):
+            doc = f.metadata.get("doc", "")
+            lines.append(f"      {f.name} = {f.default!r}" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)

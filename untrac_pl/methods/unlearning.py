@@ -133,7 +133,7 @@ class UnlearningMethod(AttributionMethod):
             if row is not None:
                 ctx.writer.set_row(target_id, row)
             if info.get("failed"):
-                ctx.writer.failed[target_id] = info["failed"]
+                ctx.writer.note_failed(target_id, info["failed"])
             ctx.finished[target_id] = info
             ctx.target_info[target_id] = info
             ctx.steps[target_id] = info["optimizer_steps"]
