@@ -23,6 +23,15 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+@pytest.fixture(autouse=True)
+def _python_api_warnings_said_afresh(monkeypatch):
+    """The Python API says each warning once per process (untrac_pl.vocabulary): each test starts afresh,
+    so a test that expects a warning does not depend on which tests ran before it."""
+    from untrac_pl import vocabulary
+
+    monkeypatch.setattr(vocabulary, "_said", set())
+
+
 def tiny_gpt2_config(dropout: float = 0.0, n_layer: int = 2, n_embd: int = 32, n_positions: int = 64) -> dict:
     return {
         "model_type": "gpt2",

@@ -49,6 +49,8 @@ def test_texts_records_and_sources_are_all_accepted(tmp_path):
     assert from_records.col_ids == [r["id"] for r in train]
     result = untrac_pl.attribute(train, ["a text to attribute"], return_result=True, output_dir=str(tmp_path / "out"), **kwargs)
     assert result.output_dir is not None and (tmp_path / "out" / "scores.safetensors").exists() and not result.failed
+    summary = __import__("json").loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["command"].startswith("python: untrac_pl.attribute(method='graddot'")  # how the run was made
 
 
 def test_a_loaded_model_is_used_as_it_is_and_left_at_theta0(tiny_tokenizer):
@@ -79,7 +81,70 @@ def test_the_readme_python_api_block_runs_verbatim(tmp_path, monkeypatch, capsys
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "README.md[Python API]", "exec"), {})
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md[Python API]", "exec"), namespace)
     assert (tmp_path / "runs" / "api_demo" / "scores.safetensors").exists()
-    printed = capsys.readouterr().out
-    assert "animals" in printed and "insults" in printed
+    table, same = namespace["table"], namespace["same"]
+    assert torch.equal(same.scores, table.scores) and same.col_ids == table.col_ids
+    printed = capsys.readouterr().out.splitlines()
+    # the rankings: each query's top training examples, then each query group's training groups, best first
+    assert printed[0].startswith("q-insult ['") and printed[1].startswith("q-cook ['")
+    ranking = table.top_k(3)["q-insult"]
+    assert printed[0] == "q-insult " + str([f"{i} {s:+.3g}" for i, s in ranking])
+    assert [s for _, s in ranking] == sorted(table.scores[0].tolist(), reverse=True)[:3]
+    assert printed[2].startswith("insults: ") and printed[3].startswith("cooking: ")
+    assert all(g in printed[2] for g in ("animals", "cooking", "sports", "insults"))
+
+
+def test_vocabularies_render_the_callers_keys():
+    from untrac_pl import vocabulary as v
+
+    paper = {"num_steps": 5, "num_epochs": None, "batch_size": None}
+    assert v.CLI.setting("unlearning", paper) == "model.unlearning: {num_steps: 5, num_epochs: null, batch_size: null}"
+    assert v.PYTHON_API.setting("unlearning", paper) == "unlearning={'num_steps': 5, 'num_epochs': None, 'batch_size': None}"
+    assert v.UNTRAC_CONFIG.setting("unlearning", paper) == "UnTracConfig(unlearning_steps=5)"
+    assert [w.key("max_length") for w in (v.CLI, v.PYTHON_API, v.UNTRAC_CONFIG)] == ["data.max_length", "max_length", "UnTracConfig.max_length"]
+    assert [w.setting("eval_batch_size", 8) for w in (v.CLI, v.PYTHON_API)] == ["data.eval_batch_size: 8", "eval_batch_size=8"]
+    assert [w.setting("unlearning.loss_reduction", "token_mean") for w in (v.CLI, v.PYTHON_API)] == [
+        "model.unlearning.loss_reduction: token_mean", "unlearning.loss_reduction='token_mean'"]
+    assert [w.key("samples_per_group") for w in (v.CLI, v.PYTHON_API)] == ["data.samples_per_group", "samples_per_group"]
+    assert v.UNTRAC_SECTION.setting("unlearning", paper) == "untrac.unlearning_steps: 5"  # untrac-pl toxicity / scaling
+    assert v.UNTRAC_SECTION.key("max_length") == "untrac.max_length"
+    assert v.current() is v.CLI  # nothing said: the command line's keys
+    with v.speaking(v.UNTRAC_CONFIG):
+        with v.speaking(v.PYTHON_API):  # the estimator calls attribute(): its user wrote an UnTracConfig
+            assert v.current() is v.UNTRAC_CONFIG
+    assert v.current() is v.CLI
+
+
+def test_api_warnings_name_the_keyword_arguments_once_per_process(caplog):
+    import logging
+
+    from untrac_pl.config import AttributionConfig
+    from untrac_pl.data.datamodule import AttributionDataModule
+    from untrac_pl.data.schedule import UnlearningSchedule
+    from untrac_pl.engine import AttributionRunner
+    from untrac_pl.models import ModelSpec
+    from untrac_pl.unlearning import UnTracModule
+
+    train, queries = generate("quickstart", "train")[:8], ["a cat sat on a mat"]
+    model = {**QUICKSTART_MODEL, "config": {**QUICKSTART_MODEL["config"], "n_positions": 32}, "train_tokenizer_vocab": 300}
+    kwargs = dict(model=model, unlearning={"num_steps": 1, "num_epochs": None, "batch_size": None}, max_length=64, trainer=CPU)
+    with caplog.at_level(logging.WARNING):
+        untrac_pl.attribute(train, queries, **kwargs)
+        untrac_pl.attribute(train, queries, **kwargs)
+    messages = [r.getMessage() for r in caplog.records]
+    clamp = [m for m in messages if "exceeds the model's context" in m]
+    single = [m for m in messages if "GradCos" in m]
+    assert len(clamp) == 1 and clamp[0].startswith("max_length=64 exceeds the model's context of 32 tokens")
+    assert len(single) == 1 and single[0].endswith("5 steps: unlearning={'num_steps': 5, 'num_epochs': None, 'batch_size': None}")
+    assert "data.max_length" not in caplog.text and "model.unlearning" not in caplog.text
+    # the engine called directly (the CLI's path) keeps the command line's keys, on every run
+    caplog.clear()
+    for _ in range(2):
+        dm = AttributionDataModule.from_records(train, [{"id": "q", "group": "q", "text": queries[0]}], max_length=64)
+        module = UnTracModule(model=ModelSpec(**model), unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
+        with caplog.at_level(logging.WARNING):
+            AttributionRunner(module, dm, AttributionConfig(), CPU).prepare()
+    assert caplog.text.count("data.max_length=64 exceeds") == 2
+    assert caplog.text.count("model.unlearning: {num_steps: 5, num_epochs: null, batch_size: null}") == 2

@@ -21,9 +21,24 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _exports() -> dict[str, str]:
+    """``untrac_pl``'s lazy exports (``from untrac_pl import attribute`` imports ``untrac_pl.api``)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "_EXPORTS":
+            return ast.literal_eval(node.value)
+    return {}
+
+
+# where importing a module by name at run time is the design: the lazy package exports, the CLI's command dispatch
+DYNAMIC_IMPORTS_ALLOWED = {"untrac_pl", "untrac_pl.cli"}
+
+
 def _imports(name: str, path: Path, modules: dict) -> tuple[set, list]:
-    """(modules imported at module level, [(line, module) imported inside a function or class])."""
+    """(modules imported at module level, [(line, module) imported inside a function or class, or by name])."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    exports = _exports()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     top_level = {id(node) for node in tree.body}
     top, inner = set(), []
@@ -36,6 +51,16 @@ def _imports(name: str, path: Path, modules: dict) -> tuple[set, list]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            if base == "untrac_pl":  # the package's lazy exports
+                targets += [exports[a.name] for a in node.names if a.name in exports]
+        elif isinstance(node, ast.Call) and name not in DYNAMIC_IMPORTS_ALLOWED:
+            func = ast.unparse(node.func)
+            if func in ("importlib.import_module", "import_module", "__import__") and node.args:
+                arg = node.args[0]
+                text = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else ast.unparse(arg)
+                if "untrac_pl" in text:
+                    inner.append((node.lineno, f"{text} (by name)"))
+            continue
         else:
             continue
         own = [t for t in targets if t in modules]
@@ -89,10 +114,26 @@ def test_the_module_graph_has_no_cycles():
     assert not cycle, cycle[:3]
 
 
-def test_the_method_layer_does_not_import_the_run_shell_or_front_ends():
+FRONT_ENDS = ("untrac_pl.cli", "untrac_pl.api", "untrac_pl.compat", "untrac_pl.estimator", "untrac_pl.experiments")
+SHELL = ("untrac_pl.engine", "untrac_pl.config")
+METHODS = ("untrac_pl.methods", "untrac_pl.evaluation")
+
+
+def _layer(name: str) -> int:
+    """3 front ends, 2 the run shell, 1 methods (and the evaluation, which names them), 0 building blocks."""
+    for level, prefixes in ((3, FRONT_ENDS), (2, SHELL), (1, METHODS)):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return level
+    return 0
+
+
+def test_every_module_imports_only_its_own_layer_or_lower_ones():
     modules = _modules()
-    upper = {"untrac_pl.engine", "untrac_pl.api", "untrac_pl.config", "untrac_pl.compat", "untrac_pl.estimator"}
+    bad = []
     for name, path in modules.items():
-        if name.startswith(("untrac_pl.methods", "untrac_pl.baselines", "untrac_pl.data", "untrac_pl.callbacks")):
-            bad = {t for t in _imports(name, path, modules)[0] if t in upper or t.startswith(("untrac_pl.cli", "untrac_pl.experiments"))}
-            assert not bad, (name, bad)
+        if name == "untrac_pl":
+            continue  # the package facade (lazy exports only)
+        for target in _imports(name, path, modules)[0]:
+            if target != "untrac_pl" and _layer(target) > _layer(name):
+                bad.append(f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})")
+    assert not bad, bad

@@ -76,18 +76,24 @@ def _eval_losses(model, corpus, pad_id) -> dict[str, float]:
     return {g: sum(v) / len(v) for g, v in per_group.items()}
 
 
-def _unlearn(model, steps: list[list[list[dict]]], pad_id, max_grad_norm, lr_schedule="constant", warmup=0) -> list[float]:
-    """``steps``: per optimizer step its micro-batches. Returns the pre-clipping gradient norms."""
+def _unlearn(model, steps: list[list[list[dict]]], pad_id, max_grad_norm, lr_schedule="constant", warmup=0, sgd_lr=None,
+             divisor=None) -> list[float]:
+    """``steps``: per optimizer step its micro-batches. Returns the pre-clipping gradient norms.
+    ``sgd_lr``: plain SGD instead of Adam (which is blind to a constant factor on the gradient);
+    ``divisor``: override HF's gradient_accumulation_steps (to show the test notices a wrong one)."""
     from transformers import get_scheduler
 
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    if sgd_lr is not None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=sgd_lr)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_scheduler(lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=len(steps))
     norms = []
     for micro_batches in steps:
         for micro in micro_batches:
             loss = -_hf_loss(model, micro, pad_id)  # Unlearner: loss = -loss
-            (loss / len(micro_batches)).backward()  # ... / gradient_accumulation_steps
+            (loss / (divisor or len(micro_batches))).backward()  # ... / gradient_accumulation_steps
         grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
         norms.append(float(torch.cat(grads).norm()))
         if max_grad_norm:
@@ -98,7 +104,7 @@ def _unlearn(model, steps: list[list[list[dict]]], pad_id, max_grad_norm, lr_sch
     return norms
 
 
-def _authors_scores(theta0, dm, method, max_grad_norm, micro=2, steps=5, lr_schedule="constant", warmup=0):
+def _authors_scores(theta0, dm, method, max_grad_norm, micro=2, steps=5, lr_schedule="constant", warmup=0, **unlearn):
     """{(test group, train group): score} by the authors' procedure, and the gradient norms seen."""
     pad = dm.collator.pad_token_id
     train, test = dm.train_corpus, dm.query_corpus
@@ -108,7 +114,7 @@ def _authors_scores(theta0, dm, method, max_grad_norm, micro=2, steps=5, lr_sche
         for group in train.groups:
             model = copy.deepcopy(theta0)
             plan = [[[train.examples[i]]] for i, r in enumerate(train.records) if r["group"] == group]
-            norms += _unlearn(model, plan, pad, max_grad_norm, lr_schedule, warmup)
+            norms += _unlearn(model, plan, pad, max_grad_norm, lr_schedule, warmup, **unlearn)
             after = _eval_losses(model, test, pad)
             scores.update({(t, group): after[t] - base[t] for t in base})
     else:  # unlearn each test set (whole set per step, micro-batches of `micro`, `steps` steps), evaluate the training data
@@ -117,7 +123,7 @@ def _authors_scores(theta0, dm, method, max_grad_norm, micro=2, steps=5, lr_sche
             model = copy.deepcopy(theta0)
             members = [test.examples[i] for i, r in enumerate(test.records) if r["group"] == group]
             step = [members[i : i + micro] for i in range(0, len(members), micro)]
-            norms += _unlearn(model, [step] * steps, pad, max_grad_norm, lr_schedule, warmup)
+            norms += _unlearn(model, [step] * steps, pad, max_grad_norm, lr_schedule, warmup, **unlearn)
             after = _eval_losses(model, train, pad)
             scores.update({(group, g): after[g] - base[g] for g in base})
     return scores, norms
@@ -207,6 +213,19 @@ def test_linear_lr_schedule_with_warmup_matches_the_hf_scheduler(prepared):
     assert _max_diff(got, expected) <= TOL
     constant = _untrac_pl_scores(module, dm, "untrac_inv", "token_mean", None)
     assert _max_diff(constant, expected) > 100 * TOL  # the schedule changed the result
+
+
+def test_gradient_accumulation_divides_by_the_number_of_micro_batches(prepared):
+    """With SGD (Adam and clipping are blind to a constant factor on the gradient), UnTrac-Inv over micro-batches
+    of 2 + 2 + 1: the HF Trainer divides each micro-batch's loss by the accumulation steps (3), not the examples (5)."""
+    module, dm = prepared
+    sgd = OptimizerSpec(name="sgd", lr=0.5)
+    got = _untrac_pl_scores(module, dm, "untrac_inv", "token_mean", None, optimizer=sgd)
+    expected, _ = _authors_scores(copy.deepcopy(module.net), dm, "untrac_inv", None, sgd_lr=0.5)
+    assert _max_diff(got, expected) <= TOL
+    for wrong in (1, 5):  # no division (a sum over micro-batches), or by the number of examples
+        other, _ = _authors_scores(copy.deepcopy(module.net), dm, "untrac_inv", None, sgd_lr=0.5, divisor=wrong)
+        assert _max_diff(got, other) > 100 * TOL, wrong
 
 
 def test_token_mean_with_several_targets_per_pass_equals_one_per_pass(prepared):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +45,29 @@ def test_print_config_shows_defaults(capsys):
 
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    code = main(["attribute", "-c", str(REPO / "configs" / "quickstart.yaml"), f"--attribution.output_dir={out}", "--trainer.enable_progress_bar=false"])
+    args = ["attribute", "-c", str(REPO / "configs" / "quickstart.yaml"), f"--attribution.output_dir={out}", "--trainer.enable_progress_bar=false"]
+    previous = os.umask(0o022)  # a normal umask: every file of the run is 0644, as a plain open() gives
+    try:
+        code = main(args)
+    finally:
+        os.umask(previous)
     assert code == 0
     files = {p.name for p in out.iterdir()}
-    assert {"scores.safetensors", "rankings.json", "group_scores.csv", "group_scores.md", "memory.json", "summary.json", "config.yaml", "tensorboard"} <= files
+    assert {"scores.safetensors", "rankings.json", "group_scores.csv", "group_scores.md", "group_scores.png", "memory.json", "summary.json", "config.yaml", "tensorboard"} <= files
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert {name: oct(mode) for name, mode in modes.items() if mode != 0o644} == {}, "files not 0644 under umask 022"
+    assert any(name.startswith("tensorboard/") for name in modes)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"] == "untrac-pl attribute " + shlex.join(args[1:])
+    from PIL import Image
+
+    width, height = Image.open(out / "group_scores.png").size  # the query group x training group heat map
+    assert 400 <= width <= 2000 and 300 <= height <= 2000, (width, height)
+    md = (out / "group_scores.md").read_text().splitlines()
+    header = [c.strip() for c in md[0].split("|")[2:-1]]
+    body = [[c.strip() for c in line.split("|")[1:-1]] for line in md[2:] if line.startswith("| ")]
+    assert [row[0] for row in body] == header  # the quickstart's four groups: one order, on the diagonal
+    assert all(row[1 + i].startswith("**") for i, row in enumerate(body))  # each row's maximum is its own group
     table = ScoreTable.load(out / "scores.safetensors")
     rankings = json.loads((out / "rankings.json").read_text())
     assert table.method == "untrac_inv" and table.scores.shape == (6, 96)
@@ -62,7 +84,8 @@ def test_quickstart_end_to_end(tmp_path):
         acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
         acc.Reload()
         tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["histograms"]) | set(acc.Tags()["tensors"])
-    assert "ascent_loss/query-0" in tags and "scores/all" in tags and any(t.startswith("rankings/top_k") for t in tags)
+    assert len(events) == 1  # one event file for the run's Trainers (untrac_pl.board)
+    assert "unlearning/ascent_loss" in tags and "scores/all" in tags and any(t.startswith("rankings/top_k") for t in tags)
 
 
 def _bad_run(tmp_path, *extra):

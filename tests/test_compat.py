@@ -61,6 +61,10 @@ def test_config_has_the_seed_fields_and_defaults_plus_the_paper_fields():
         UnTracConfig(optimizer="sgdd")
     with pytest.raises(ValueError, match="cast the model in place"):
         UnTracConfig(precision="bf16-true")
+    # errors name the Python field, not the CLI key (optimizer.lr, data.eval_batch_size)
+    for field, value in (("unlearning_rate", 0.0), ("unlearning_steps", 0), ("batch_size", 0), ("eval_batch_size", 0), ("max_length", 0)):
+        with pytest.raises(ValueError, match=rf"^UnTracConfig\.{field} must be"):
+            UnTracConfig(**{field: value})
     for alias in (16, "16", "bf16"):  # Lightning's aliases of 16-mixed / bf16-mixed: autocast, accepted
         UnTracConfig(precision=alias)
 
@@ -79,8 +83,58 @@ def test_estimator_scores_ascent_sign_and_leaves_theta0_bit_exact(saved_model_di
     assert [t[0] for t in top] == list(np.argsort(-scores, kind="stable")[:3])
     assert all(isinstance(i, int) and isinstance(s, float) and t == TRAIN[i] for i, s, t in top)
     assert [s for _, s, _ in top] == sorted((s for _, s, _ in top), reverse=True)
-    # same call, same scores (one seed per target, θ0 restored in between)
+    # same call, same scores (one seed per target, θ0 restored in between), also when recomputed
     np.testing.assert_array_equal(estimator.compute_influence_scores(TEST, TRAIN, show_progress=False), scores)
+    estimator.clear_cache()
+    np.testing.assert_array_equal(estimator.compute_influence_scores(TEST, TRAIN, show_progress=False), scores)
+
+
+def test_top_k_after_the_scores_reuses_the_engine_run_until_an_input_changes(saved_model_dir, monkeypatch):
+    import untrac_pl.estimator as estimator_module
+
+    runs = []
+    real = estimator_module.attribute
+    monkeypatch.setattr(estimator_module, "attribute", lambda *a, **k: runs.append(1) or real(*a, **k))
+    estimator = UnTracInfluenceEstimator(_config(saved_model_dir, top_k_influences=3))
+    scores = estimator.compute_influence_scores(TEST, TRAIN, show_progress=False)
+    top = estimator.get_top_k_influences(TEST, TRAIN)  # the README pattern: one unlearning run, not two
+    assert len(runs) == 1 and [i for i, _, _ in top] == list(np.argsort(-scores, kind="stable")[:3])
+    again = estimator.compute_influence_scores(TEST, list(TRAIN))  # equal inputs (a copy of the list): reused
+    again[:] = 0  # a caller's edit of the returned array does not reach the cache
+    np.testing.assert_array_equal(estimator.compute_influence_scores(TEST, TRAIN), scores)
+    assert len(runs) == 1
+    estimator.compute_influence_scores(TEST, TRAIN[:-1])  # other training texts
+    assert len(runs) == 2
+    estimator.compute_influence_scores(TEST + " ", TRAIN[:-1])  # another test text
+    assert len(runs) == 3
+    estimator.config.unlearning_steps = 3  # a config field changed on the same config object
+    estimator.compute_influence_scores(TEST + " ", TRAIN[:-1])
+    assert len(runs) == 4
+    with torch.no_grad():  # the weights changed in place (fine-tuning between calls)
+        next(estimator.model.parameters()).mul_(1.0)
+    estimator.get_top_k_influences(TEST + " ", TRAIN[:-1])
+    assert len(runs) == 5
+    estimator.get_top_k_influences(TEST + " ", TRAIN[:-1], k=2)  # only k differs: reused
+    assert len(runs) == 5
+    estimator.clear_cache()
+    estimator.get_top_k_influences(TEST + " ", TRAIN[:-1])
+    assert len(runs) == 6
+
+
+def test_warnings_name_untracconfig_fields_once_per_process(saved_model_dir, caplog):
+    import logging
+
+    from untrac_pl import vocabulary
+
+    assert vocabulary._said == set()  # each test starts afresh (conftest)
+    estimator = UnTracInfluenceEstimator(_config(saved_model_dir, unlearning_steps=1))  # the seed's default: 1 step
+    with caplog.at_level(logging.WARNING):
+        estimator.compute_influence_scores(TEST, TRAIN, show_progress=False)
+        estimator.compute_influence_scores(TEST, TRAIN[:3], show_progress=False)  # a second engine run
+    said = [r.getMessage() for r in caplog.records if "GradCos" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].endswith("for 5 steps: UnTracConfig(unlearning_steps=5)")
+    assert "model.unlearning" not in caplog.text and "data." not in caplog.text
 
 
 def test_api_and_cli_give_identical_scores(saved_model_dir, tmp_path):
@@ -201,15 +255,16 @@ def test_readme_snippets_run_verbatim(saved_model_dir, tmp_path, monkeypatch, ca
     for number, code in enumerate(snippets):
         exec(compile(code, f"{DOC.name}[python block {number}]", "exec"), namespace)
     out = capsys.readouterr().out
-    results = json.loads((tmp_path / "results" / "untrac_toxicity_results.json").read_text())
+    assert not (tmp_path / "results").exists()  # in a checkout that is the committed results folder
+    results = json.loads((tmp_path / "runs" / "toxicity" / "untrac_toxicity_results.json").read_text())
     assert len(results["test_cases"]) == 5 and results["training_data"]["source"] == ["generated:quickstart/train"]
     for case in results["test_cases"]:
         assert {"test_case_id", "prompt", "completion", "top_influences"} <= set(case)
         assert [t["rank"] for t in case["top_influences"]] == list(range(1, 11))
         assert all({"rank", "index", "score", "text"} <= set(t) for t in case["top_influences"])
-    scaling = json.loads((tmp_path / "results" / "scaling_experiment_results.json").read_text())
+    scaling = json.loads((tmp_path / "runs" / "scaling" / "scaling_experiment_results.json").read_text())
     assert [c["model"] for c in scaling["summary"]["comparison"]] == ["gpt2", "gpt2-medium", "gpt2-large"]
-    assert (tmp_path / "results" / "scaling_results.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "scaling" / "scaling_results.png").stat().st_size > 0
     assert "Correlation with TracIn" in out and "Top influence score" in out and "Runtime:" in out
     top = namespace["top_k"]
     assert top[0][0] == 2 and top[0][2] == namespace["test_text"]  # the test text's copy ranks first

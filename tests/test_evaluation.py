@@ -162,3 +162,59 @@ def test_sweep_report_writes_table4_markdown_and_json(tmp_path):
     rows = {r["optimizer"]: r for r in json.loads((tmp_path / "out" / "ablation.json").read_text())["rows"]}
     assert rows["sgd"]["pearson"]["mean"] == pytest.approx(1.0, abs=1e-5) and rows["adam"]["pearson"]["mean"] == pytest.approx(-1.0, abs=1e-5)
     assert rows["rmsprop"]["pearson"] is None and rows["sgd"]["setting"] == "A" and rows["sgd"]["test_set"] == "test"
+
+
+def test_reproduce_figures_fit_a_page_with_one_legend_and_readable_text(tmp_path, monkeypatch):
+    """Seven methods (the paper's): the scatter is a grid (at most 4 columns, width/height <= 2.5), not
+    one 7-panel strip; one shared legend for the figure; every text >= 10 pt; the overall title
+    overlaps no panel title (heatmap and scatter)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    import untrac_pl.evaluation.report as report
+
+    figures = {}
+    save = report.save_figure_atomic
+
+    def capture(path, figure, **kwargs):
+        written = save(path, figure, **kwargs)
+        figures[path.name] = figure
+        return written
+
+    monkeypatch.setattr(report, "save_figure_atomic", capture)
+    groups = ["books", "wikipedia", "news", "forum", "stories", "tweets", "reviews", "science"]
+    subsets = [f"toxigen/s{i}" for i in range(4)] + [f"winobias/s{i}" for i in range(3)]
+    methods = ["untrac", "untrac_inv", "graddot", "gradcos", "tracin", "hif_lissa", "hif_arnoldi"]
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(2):
+        folder = tmp_path / "scores" / "A" / f"seed{seed}"
+        _table(torch.randn(len(subsets), len(groups), generator=gen).tolist(), subsets, groups, "ground_truth").save(folder / "ground_truth.safetensors")
+        for name in methods:
+            _table(torch.randn(len(subsets), len(groups), generator=gen).tolist(), subsets, groups, name).save(folder / f"{name}.safetensors")
+    written = write_report(evaluate_directory(tmp_path / "scores"), tmp_path / "out", title="t", command="c", method_names=methods)
+    assert sorted(written["figures"]) == ["heatmap_A.png", "scatter_A.png"]
+
+    width, height = Image.open(tmp_path / "out" / "scatter_A.png").size
+    assert width / height <= 2.5 and width <= 2000, (width, height)  # was 3080 x 418 (7.4 : 1)
+    scatter = figures["scatter_A.png"]
+    panels = [ax for ax in scatter.axes if ax.get_visible() and ax.axison]
+    assert len(panels) == 7
+    assert max(ax.get_subplotspec().colspan.stop for ax in panels) <= 4
+    assert len(scatter.legends) == 1 and not any(ax.get_legend() for ax in scatter.axes)  # one shared legend
+    assert len(scatter.legends[0].get_texts()) == len(groups)
+    for name in ("scatter_A.png", "heatmap_A.png"):
+        fig = figures[name]
+        canvas = FigureCanvasAgg(fig)  # closed by write_figures: draw it again (same layout) to measure the text
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")) if t.get_text().strip() and t.get_visible()]
+        small = sorted({(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10})
+        assert not small, f"{name}: text below 10 pt: {small[:5]}"
+        suptitle = fig._suptitle.get_window_extent(renderer)
+        for ax in fig.axes:
+            if ax.get_title():
+                assert not suptitle.overlaps(ax.title.get_window_extent(renderer)), f"{name}: suptitle overlaps '{ax.get_title()}'"
+    width, height = Image.open(tmp_path / "out" / "heatmap_A.png").size
+    assert width <= 2400 and width / height <= 2.5, (width, height)
+    heat_panels = [ax for ax in figures["heatmap_A.png"].axes if ax.get_title()]
+    assert len(heat_panels) == 8 and max(ax.get_subplotspec().colspan.stop for ax in heat_panels) <= 4

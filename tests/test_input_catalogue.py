@@ -300,7 +300,7 @@ def test_c24_corrupt_score_file(tmp_path):
 def test_c25_config_typo(tmp_path, capsys):
     rc, err = _cli(["--attribution.methd", "untrac", "--attribution.output_dir", str(tmp_path / "out")], capsys)
     assert rc == 2
-    assert err == "untrac-pl attribute: error: unrecognized arguments: --attribution.methd untrac (see untrac-pl attribute --help)"
+    assert err == "untrac-pl attribute: error: unrecognized arguments: --attribution.methd untrac (did you mean --attribution.method?)"
     assert_no_complete_output(tmp_path / "out")
 
 

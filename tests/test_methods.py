@@ -116,7 +116,7 @@ def test_each_baselines_options_are_exactly_its_scoring_functions_keywords():
 
     from untrac_pl.baselines.scores import _Setup
 
-    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups"}
+    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups", "progress"}  # progress: the run's bar, no option
 
     def keywords(fn):
         params = inspect.signature(fn).parameters.values()
@@ -147,3 +147,50 @@ def test_help_documents_every_method_and_its_options(capsys):
         for f in fields(method.Options):
             assert f"      {f.name} = {f.default!r}" in epilog, (name, f.name)
     assert "attribution.method METHOD" in text and "hyphens and aliases" in text  # the field's own docstring
+
+
+def test_a_method_of_a_new_kind_needs_only_the_base_class_hooks(tmp_path):
+    """Subclassing AttributionMethod itself (not one of the two built-in kinds): plan + score_targets."""
+    from dataclasses import dataclass
+
+    from untrac_pl.methods import AttributionMethod, check_options, query_targets
+
+    @dataclass
+    class LengthOptions:
+        """Options of the toy.
+
+        Args:
+            power: exponent of the length ratio
+        """
+
+        power: float = 1.0
+
+    class LengthRatio(AttributionMethod):
+        name, display = "length_ratio", "Length ratio"
+        Options = LengthOptions
+
+        def plan(self, config, datamodule, module):
+            return query_targets(self.name, datamodule.query_corpus, datamodule.train_corpus, config.target_unit, config.seed)
+
+        def score_targets(self, ctx):
+            power = ctx.options.get("power", 1.0)
+            q = torch.tensor([float(len(e["input_ids"])) for e in ctx.plan.target_corpus.examples])
+            t = torch.tensor([float(len(e["input_ids"])) for e in ctx.plan.eval_corpus.examples])
+            ctx.writer.set_matrix((t[None, :] / q[:, None]) ** power)
+
+    register(LengthRatio)
+    try:
+        assert check_options("length_ratio", {"power": 2.0}) == {"power": 2.0}
+        with pytest.raises(MethodOptionError, match="length_ratio has no option 'powr' \\(did you mean 'power'\\?\\)"):
+            check_options("length_ratio", {"powr": 2.0}, where="attribution.baseline")
+        import untrac_pl
+
+        table = untrac_pl.attribute(["a b c d", "a b"], ["a b c d"], method="length_ratio", options={"power": 2.0},
+                                    model={"config": {"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 16},
+                                           "train_tokenizer_vocab": 260},
+                                    max_length=16, trainer={"accelerator": "cpu"}, output_dir=str(tmp_path / "run"))
+        assert table.method == "length_ratio" and table.scores.shape == (1, 2)
+        assert float(table.scores[0, 0]) == 1.0 and float(table.scores[0, 1]) < 1.0  # the same text has ratio 1
+        assert (tmp_path / "run" / "scores.safetensors").exists()
+    finally:
+        unregister("length_ratio")

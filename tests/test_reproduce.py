@@ -1,6 +1,7 @@
 """The reproduction pipeline on a planted toy: GT, UnTrac and UnTrac-Inv all single out the planted group."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,3 +195,25 @@ def test_fit_fields_the_reproduction_sets_itself_are_refused():
         ReproduceConfig(fit=FitSpec(exclude_groups=["a"]))
     with pytest.raises(ValueError, match=r"fit\.seed=3: the reproduction trains with each seed of `seeds`"):
         ReproduceConfig(fit=FitSpec(seed=3))
+
+
+def test_specs_stored_by_the_previous_version_still_resume():
+    """A method spec as the version before the method registry stored it (top-level samples_per_group, UnTrac
+    with target_unit group, no loss_reduction / max_grad_norm / lr_schedule / warmup_steps) equals today's."""
+    from dataclasses import asdict
+
+    from untrac_pl.experiments.reproduce import _comparable_shared, _comparable_spec
+
+    today = json.loads(json.dumps(asdict(METHODS[0]), default=str))
+    old = {k: v for k, v in today.items() if k != "data"}
+    old.update(samples_per_group=METHODS[0].data.samples_per_group, target_unit="group")
+    old["unlearning"] = {k: v for k, v in old["unlearning"].items() if k not in ("loss_reduction", "max_grad_norm", "lr_schedule", "warmup_steps")}
+    assert _comparable_spec(old) == _comparable_spec(today)
+    changed = json.loads(json.dumps(old))
+    changed["optimizer"]["lr"] = 0.5
+    assert _comparable_spec(changed) != _comparable_spec(today)
+    # UnTrac-Inv's target unit does change its scores: a different one is not the same method
+    inv = json.loads(json.dumps(asdict(METHODS[1]), default=str))
+    assert _comparable_spec({**inv, "target_unit": "example"}) != _comparable_spec(inv)
+    assert _comparable_shared({"corpora": {"source": "embedded", "embedded_docs_per_corpus": 400}}) == \
+        {"corpora": {"source": "generated", "generated_docs_per_corpus": 400}}

@@ -120,7 +120,7 @@ def test_a_completion_is_attributed_to_the_group_it_resembles(saved_model_dir, t
     assert [t["group"] for t in case["top_influences"][:3]] == [group] * 3
 
 
-def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path):
+def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path, caplog):
     """`untrac-pl toxicity -c`: prompts from a JSONL file, toxicity from a local sequence-classification model."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
@@ -145,7 +145,10 @@ experiment:
   toxicity_classifier: {tmp_path / 'clf'}
   output_dir: {tmp_path / 'out'}
 """)
-    assert main(["toxicity", "-c", str(tmp_path / "tox.yaml")]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["toxicity", "-c", str(tmp_path / "tox.yaml")]) == 0
+    # unlearning_steps: 1 is flagged in this config's own keys (not UnTracConfig's Python fields, not attribute's)
+    assert caplog.text.count("for 5 steps: untrac.unlearning_steps: 5") == 1 and "model.unlearning" not in caplog.text
     results = json.loads((tmp_path / "out" / "untrac_toxicity_results.json").read_text())
     assert results["command"].startswith("untrac-pl toxicity -c")
     assert results["toxicity_classifier"]["label"] == "toxic"

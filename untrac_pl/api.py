@@ -22,11 +22,12 @@ from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.records import DataSource, read_records, records_from_list
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionResult, run_attribution
-from untrac_pl.methods import DEFAULT_TARGET_UNIT, get_method
+from untrac_pl.methods import DEFAULT_TARGET_UNIT, check_options, get_method
 from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
+from untrac_pl.vocabulary import PYTHON_API, speaking
 
 __all__ = ["attribute"]
 
@@ -100,6 +101,9 @@ def attribute(
         output_dir: also write the run's files there (as ``untrac-pl attribute``).
         return_result: return the whole :class:`~untrac_pl.engine.AttributionResult` (failed targets,
             memory, timings) instead of only the table.
+
+    Warnings name these arguments (``max_length=...``, ``unlearning={'num_steps': 5, ...}``), not the CLI's
+    keys, and each is said once per process (:mod:`untrac_pl.vocabulary`).
     """
     method_def = get_method(method)
     if isinstance(model, torch.nn.Module):
@@ -122,7 +126,10 @@ def attribute(
         query_records = [r for s in query_sources for r in read_records(s)] if query_sources else records_from_list(list(queries), name="queries")
         datamodule = AttributionDataModule.from_records(train_records, query_records, **data_kwargs)
     config = AttributionConfig(method=method_def.name, target_unit=target_unit, seed=seed, output_dir=output_dir or "unused",
-                               overwrite=overwrite, **method_def.config_options(dict(options or {})))
-    result = run_attribution(module, datamodule, config, {**DEFAULT_TRAINER, **(trainer or {})}, write=output_dir is not None)
+                               overwrite=overwrite,
+                               **method_def.config_options(check_options(method_def.name, options, where="options", runner=True)))
+    with speaking(PYTHON_API):  # warnings name these keyword arguments, once per process (untrac_pl.vocabulary)
+        result = run_attribution(module, datamodule, config, {**DEFAULT_TRAINER, **(trainer or {})}, write=output_dir is not None,
+                                  command=f"python: untrac_pl.attribute(method={method!r}, output_dir={str(output_dir)!r}, ...)")
     return result if return_result else result.table
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from untrac_pl.board import RunBoard, RunLogger
 from untrac_pl.callbacks.memory import MemoryMonitor
 from untrac_pl.callbacks.progress import TargetProgressBar
 from untrac_pl.callbacks.rankings import RankingWriter
@@ -31,14 +31,24 @@ from untrac_pl.methods import (
     AttributionMethod,
     AttributionPlan,
     RunContext,
+    check_options,
     get_method,
     target_seed,
 )
-from untrac_pl.outputs import MEMORY, SUMMARY, TENSORBOARD
+from untrac_pl.outputs import MEMORY, SUMMARY
 from untrac_pl.resume import ResumeState, run_fingerprint
-from untrac_pl.runtime import context_length, json_safe, quiet_lightning, versions
+from untrac_pl.runtime import (
+    context_length,
+    interrupted,
+    json_safe,
+    quiet_lightning,
+    reenable_ctrl_c,
+    versions,
+)
 from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
+from untrac_pl.vocabulary import current as vocabulary
+from untrac_pl.vocabulary import warn
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +78,8 @@ class AttributionRunner:
         self.method: AttributionMethod = get_method(config.method)
         self.restore = RestoreWeights(offload_device=config.snapshot_device)
         self.memory = MemoryMonitor()
-        self.writer = RankingWriter(top_k=config.top_k, snippet_chars=config.snippet_chars, sign=self.method.sign)
+        self.writer = RankingWriter(top_k=config.top_k, snippet_chars=config.snippet_chars, sign=self.method.sign, display=self.method.display)
+        self.progress = TargetProgressBar()  # one bar per phase across the run's Trainers (on stderr)
         self.max_length_requested: Optional[int] = None  # data.max_length before clamping (set by prepare)
 
     # -- prepare -----------------------------------------------------------------------------------
@@ -88,8 +99,8 @@ class AttributionRunner:
         """
         limit = context_length(self.module.net)
         if limit is not None and requested > limit:
-            log.warning("data.max_length=%d exceeds the model's context of %d tokens: clamped to %d "
-                        "(longer texts are truncated and counted in summary.json 'truncated')", requested, limit, limit)
+            warn(log, f"{vocabulary().key('max_length')}={requested} exceeds the model's context of {limit} tokens: clamped "
+                      f"to {limit} (longer texts are truncated and counted in summary.json 'truncated')")
             return limit
         return requested
 
@@ -101,7 +112,7 @@ class AttributionRunner:
         has_bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in user_callbacks)
         callbacks = [self.restore, self.memory, self.writer, *user_callbacks]
         if kwargs.get("enable_progress_bar", True) and not has_bar:
-            callbacks.append(TargetProgressBar())
+            callbacks.append(self.progress)
         kwargs.setdefault("enable_checkpointing", False)
         kwargs.setdefault("enable_model_summary", False)
         kwargs.setdefault("num_sanity_val_steps", 0)
@@ -115,16 +126,19 @@ class AttributionRunner:
     def _logger(self, run_dir: Path):
         logger = self.trainer_kwargs.get("logger", True)
         if logger is True or logger is None:
-            return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD, version="")
+            return RunLogger(run_dir)  # one event file for all the run's Trainers (untrac_pl.board)
         return logger or None
 
     # -- run ---------------------------------------------------------------------------------------
-    def run(self, write: bool = True, extra_files: Optional[dict] = None) -> AttributionResult:
+    def run(self, write: bool = True, extra_files: Optional[dict] = None, command: Optional[str] = None) -> AttributionResult:
         """``extra_files`` (``{name: text}``, e.g. the CLI's resolved config) are written into the
-        run directory before it is renamed into place, so a finished run is complete at once."""
+        run directory before it is renamed into place, so a finished run is complete at once.
+        ``command`` (the command line, or how the API was called) is recorded in ``summary.json``."""
         started = time.perf_counter()
         method = self.method
-        options = method.check(self.config, self.module, self.trainer_kwargs)  # before any data, model or output
+        method.check(self.config, self.module, self.trainer_kwargs)  # before any data, model or output
+        # the method's options (attribution.baseline) by its Options fields: a typo fails here, naming the field
+        options = check_options(method.name, self.config.baseline, where="attribution.baseline", runner=True)
         method.configure_model(self.module)
         if write and may_be_distributed(self.trainer_kwargs):
             write = global_rank(self.trainer_kwargs) == 0  # under DDP only rank 0 writes
@@ -139,19 +153,28 @@ class AttributionRunner:
             run_dir = staged.open() if staged else None
         ctx = RunContext(self.module, self.datamodule, self.config, self.trainer_kwargs, plan, self.writer, self.memory,
                          self.restore, self.new_trainer, run_dir=run_dir, state=state,
-                         precision=str(self.trainer_kwargs.get("precision", "32-true")), max_length_requested=self.max_length_requested)
-        ctx.info["options"] = options
+                         precision=str(self.trainer_kwargs.get("precision", "32-true")), max_length_requested=self.max_length_requested, options=options)
         try:
             self.writer.begin(plan, run_dir)
-            ctx.logger = self._logger(run_dir) if write and method.kind == "unlearning" else None
+            ctx.logger = self._logger(run_dir) if write else None  # every method logs, the baselines too
+            if ctx.logger is not None:
+                ctx.board = RunBoard(ctx.logger, plan, method.kind, method.formula).open()
             with quiet_lightning():
                 method.theta0(ctx)
+                if method.kind == "unlearning":  # one bar over the targets, counting those a resumed run has
+                    self.progress.begin_targets(len(plan.targets), len(ctx.finished))
                 method.score_targets(ctx)
-            result = self._write(ctx, started, write, extra_files or {})
+            result = self._write(ctx, started, write, extra_files or {}, command)
         except BaseException as exc:
+            if ctx.board is not None:
+                ctx.board.close("failed")  # flushed: a resumed run copies these events into its own file
             self.restore.restore(self.module)
             self.module.connect(self.module.base_losses, keep_on_device=False)
+            self.progress.close()
             self._stopped(ctx, staged, exc)
+            if interrupted(exc) and not isinstance(exc, KeyboardInterrupt):
+                reenable_ctrl_c()  # Lightning turns Ctrl-C inside a Trainer into sys.exit(1), ignoring further ones
+                raise KeyboardInterrupt from exc
             raise
         if staged:
             try:  # rename while still holding the lock, so no second run can open the half-renamed .partial
@@ -170,12 +193,16 @@ class AttributionRunner:
             return
         if ctx.state is None:
             staged.discard()  # nothing resumable: no half-written output
+            if interrupted(exc):
+                log.warning("interrupted; %s scores in one pass and keeps nothing of a stopped run: nothing was written", ctx.plan.method)
             return
         ctx.state.close()
         kept = f"{ctx.state.num_finished()} finished targets are kept in '{staged.partial}'"
         if isinstance(exc, OutputWriteError):
             raise OutputWriteError(f"{exc}; {kept}: free space and re-run the same command to resume") from exc
-        log.warning("run stopped (%s); %s: re-run the same command to resume", type(exc).__name__, kept)
+        what = "interrupted" if interrupted(exc) else f"stopped by {type(exc).__name__}"
+        log.warning("%s; %d of %d targets finished and kept in '%s': re-run the same command to resume",
+                    what, ctx.state.num_finished(), len(ctx.plan.targets), staged.partial)
 
     def _metadata(self, ctx: RunContext) -> dict:
         """The score file's metadata: only what determines the scores, so it is byte-identical for
@@ -198,25 +225,26 @@ class AttributionRunner:
             "failed_targets": self.writer.ordered_failed(),
         }
 
-    def _write(self, ctx: RunContext, started: float, write: bool, extra_files: dict) -> AttributionResult:
+    def _write(self, ctx: RunContext, started: float, write: bool, extra_files: dict, command: Optional[str] = None) -> AttributionResult:
         timings = {**ctx.timings, "total_s": time.perf_counter() - started, "num_targets": len(ctx.plan.targets)}
         metadata = self._metadata(ctx)
         memory = self.memory.report()
         if not write:
             return AttributionResult(self.writer.table(metadata), None, self.writer.ordered_failed(), memory, timings)
         run_dir = ctx.run_dir
-        table = self.writer.write_outputs(metadata, ctx.logger)
+        table = self.writer.write_outputs(metadata, ctx.board)
         self.method.extra_outputs(ctx)
         write_json_atomic(run_dir / MEMORY, memory)
         for name, text in extra_files.items():
             write_text_atomic(run_dir / name, text)
         timings["total_s"] = time.perf_counter() - started
-        write_json_atomic(run_dir / SUMMARY, {**metadata, **self.method.summary(ctx), "timings": timings, "memory": memory, "completed": True})
-        if ctx.logger is not None:
-            ctx.logger.finalize("success")
+        write_json_atomic(run_dir / SUMMARY, {"command": command, **metadata, **self.method.summary(ctx), "timings": timings, "memory": memory, "completed": True})
+        if ctx.board is not None:
+            ctx.board.finish(ctx, self.method, table, memory)
+            ctx.board.close()
         return AttributionResult(table, run_dir, self.writer.ordered_failed(), memory, timings)
 
 
-def run_attribution(module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None, write: bool = True, extra_files: Optional[dict] = None) -> AttributionResult:
+def run_attribution(module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None, write: bool = True, extra_files: Optional[dict] = None, command: Optional[str] = None) -> AttributionResult:
     """Run ``config.method`` on the module's model and the datamodule's data; see :class:`AttributionRunner`."""
-    return AttributionRunner(module, datamodule, config, trainer_kwargs).run(write=write, extra_files=extra_files)
+    return AttributionRunner(module, datamodule, config, trainer_kwargs).run(write=write, extra_files=extra_files, command=command)

@@ -8,7 +8,7 @@ Users of the student reproduction "UnTrac-TNLP" (GPT-2, Colab) call::
     top = estimator.get_top_k_influences(test_text, training_texts, k=10)
 
 Those names and return shapes are kept; what happens underneath is the project's engine
-(:func:`untrac_pl.engine.run_attribution` with ``write=False``), i.e. the same code path as
+(:func:`untrac_pl.attribute`, nothing written), i.e. the same run shell as
 ``untrac-pl attribute``, so the API and the CLI give identical scores for the same settings.
 What differs from the seed (see the README section "Coming from UnTrac-TNLP"):
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from typing import List, Optional, Sequence, get_args
 
 import numpy as np
@@ -55,6 +55,7 @@ from untrac_pl.runtime import (
     context_length,
     resolve_device,
 )
+from untrac_pl.vocabulary import UNTRAC_CONFIG, speaking
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,13 @@ class UnTracConfig:
                              f"for the gradient baselines use untrac_pl.attribute(method=...)), got {given!r}")
         if self.unlearning_steps < 1:
             raise ValueError(f"UnTracConfig.unlearning_steps must be >= 1, got {self.unlearning_steps}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("UnTracConfig.batch_size and eval_batch_size must be >= 1")
+        for name in ("batch_size", "eval_batch_size", "max_length", "top_k_influences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UnTracConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in get_args(OptimizerName):
             raise ValueError(f"UnTracConfig.optimizer: unknown optimizer {self.optimizer!r} (one of {', '.join(get_args(OptimizerName))})")
-        OptimizerSpec(name=self.optimizer, lr=self.unlearning_rate)  # validates lr
+        if not self.unlearning_rate > 0:
+            raise ValueError(f"UnTracConfig.unlearning_rate must be > 0, got {self.unlearning_rate}")
         if canonical_precision(self.precision) in CASTING_PRECISIONS:
             raise ValueError(
                 f"UnTracConfig.precision={self.precision!r} makes Lightning cast the model in place, so the estimator's "
@@ -189,10 +192,9 @@ class UnTracInfluenceEstimator:
     """Seed-compatible estimator: one model, loaded once, attributed through the engine.
 
     ``UnTracInfluenceEstimator(config)`` loads ``ModelSpec(name_or_path=config.model_name)`` once
-    (attributes ``model``, ``tokenizer``, ``device`` as in the seed). Every call builds a fresh
-    :class:`~untrac_pl.unlearning.UnTracModule`, attaches the loaded model to it
-    (:meth:`UnTracModule.attach`) and runs :func:`~untrac_pl.engine.run_attribution` with
-    ``write=False``. RestoreWeights leaves the model bit-exactly at θ0 afterwards.
+    (attributes ``model``, ``tokenizer``, ``device`` as in the seed). Every call runs
+    :func:`untrac_pl.attribute` with the loaded model (``net=``) and writes nothing; RestoreWeights
+    leaves the model bit-exactly at θ0 afterwards.
 
     What a call computes, for ``test_text`` and ``training_texts`` (a list of raw strings):
 
@@ -203,7 +205,7 @@ class UnTracInfluenceEstimator:
       own group**: it is unlearned on its own (``unlearning_steps`` steps, from θ0 each time) and
       the test text's loss is measured; ``score[i] = L(test; θ_T^(i)) - L(test; θ0)``. This costs one
       unlearning run per training text. For the paper's dataset-level UnTrac (one target per
-      training corpus), use ``untrac-pl attribute`` or :func:`run_attribution` with grouped records.
+      training corpus), use ``untrac-pl attribute`` or :func:`untrac_pl.attribute` with grouped records.
 
     Extra keyword arguments (not in the seed): ``model_spec`` replaces ``ModelSpec(name_or_path=
     config.model_name)`` (e.g. a tiny random config); ``tokenizer_texts`` trains its tokenizer when
@@ -233,6 +235,22 @@ class UnTracInfluenceEstimator:
         self._to_device()
         self.model.eval()
         self.last_result: Optional[AttributionResult] = None
+        self._cached: Optional[tuple] = None  # (key, weights signature, scores) of the last engine run
+
+    def clear_cache(self) -> None:
+        """Forget the last result: the next call runs the engine even for the same inputs."""
+        self._cached = None
+
+    def _weights_signature(self) -> tuple:
+        """Changes whenever the model's parameters are replaced, moved or modified in place (every in-place
+        write bumps a tensor's version counter), so a cached result is never served for other weights."""
+        return (id(self.model), id(self.tokenizer),
+                tuple((id(p), p.data_ptr(), getattr(p, "_version", None)) for p in self.model.parameters()))
+
+    def _cache_key(self, test_records: list[dict], training_texts: Sequence[str], eval_batch_size: int) -> tuple:
+        """Everything a call's scores depend on besides the weights: the exact inputs and the config now."""
+        records = tuple(tuple(sorted((k, repr(v)) for k, v in r.items())) for r in test_records)
+        return (records, tuple(training_texts), int(eval_batch_size), astuple(self.config), repr(self.model_spec))
 
     # -- model -------------------------------------------------------------------------------------
     def _load(self, texts):
@@ -294,15 +312,25 @@ class UnTracInfluenceEstimator:
     ) -> np.ndarray:
         """Scores ``[len(test_records), len(training_texts)]`` for test records (``{"id", "text"}``
         or ``{"id", "prompt", "completion"}``: loss on the completion only). One engine run: the θ0
-        losses of the evaluation set are computed once for all test records."""
+        losses of the evaluation set are computed once for all test records.
+
+        The last result is kept: the same inputs with the same config and unchanged weights (e.g.
+        :meth:`get_top_k_influences` after :meth:`compute_influence_scores`) return it without unlearning
+        again. Changing an input, a config field or the weights invalidates it; :meth:`clear_cache` forgets it."""
         train, queries = self._records(test_records, training_texts)
+        eval_batch_size = eval_batch_size or self.config.eval_batch_size
+        key = self._cache_key(queries, [r["text"] for r in train], eval_batch_size)
+        if self._cached is not None and self._cached[0] == key and self._cached[1] == self._weights_signature():
+            log.debug("same inputs, config and weights as the last call: reusing its scores")
+            return self._cached[2].copy()
+        self._cached = None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), speaking(UNTRAC_CONFIG):  # warnings name UnTracConfig's fields, once
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 result = attribute(
                     train, queries, method=self.config.method, model=self.model_spec, net=self.model, tokenizer=self.tokenizer,
                     optimizer=self.config.optimizer_spec(), unlearning=self.config.schedule(), target_unit="example",
-                    seed=self.config.seed, max_length=self._max_length(), eval_batch_size=eval_batch_size or self.config.eval_batch_size,
+                    seed=self.config.seed, max_length=self._max_length(), eval_batch_size=eval_batch_size,
                     trainer=self.config.trainer_kwargs(show_progress), return_result=True,
                 )
         finally:
@@ -315,8 +343,10 @@ class UnTracInfluenceEstimator:
         train_cols = [f"train-{i}" for i in range(len(train))]
         matrix = table.scores[[rows[q["id"]] for q in queries]][:, [cols[t] for t in train_cols]]
         if result.failed:
-            warnings.warn(f"unlearning diverged for {sorted(result.failed)}: their scores are NaN (lower the unlearning_rate)")
-        return matrix.double().numpy()
+            warnings.warn(f"unlearning diverged for {sorted(result.failed)}: their scores are NaN (lower UnTracConfig.unlearning_rate)")
+        matrix = matrix.double().numpy()
+        self._cached = (key, self._weights_signature(), matrix.copy())
+        return matrix
 
     def compute_influence_matrix(self, test_texts: Sequence[str], training_texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Scores ``[len(test_texts), len(training_texts)]`` in one engine run (row = test text)."""
@@ -337,7 +367,8 @@ class UnTracInfluenceEstimator:
 
     def get_top_k_influences(self, test_text: str, training_texts: List[str], k: Optional[int] = None) -> list[tuple[int, float, str]]:
         """``[(index, score, text), ...]`` of the ``k`` highest scores (default ``top_k_influences``),
-        highest first; ties keep the lower index first; NaN scores (diverged unlearning) are left out."""
+        highest first; ties keep the lower index first; NaN scores (diverged unlearning) are left out.
+        Right after :meth:`compute_influence_scores` for the same texts it reuses those scores (no second run)."""
         k = self.config.top_k_influences if k is None else int(k)
         scores = self.compute_influence_scores(test_text, training_texts, show_progress=True)
         return top_k(scores, training_texts, k)

@@ -7,6 +7,7 @@ Every byte goes through :func:`_sync` (flush + fsync) before the rename, so a fu
 :class:`~untrac_pl.errors.OutputWriteError` here, with the temporary file removed, instead of a
 truncated file under the final name. Safetensors files are written by :func:`write_safetensors`,
 a deterministic writer (sorted header), so the same tensors and metadata give the same bytes.
+Every file gets the mode a plain ``open()`` would give it (0644 under umask 022), not mkstemp's 0600.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from untrac_pl.errors import OutputWriteError
 from untrac_pl.outputs import partial_dir
+from untrac_pl.vocabulary import option
 
 # errno values that mean "the disk (or quota) is full": reported as OutputWriteError.
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
@@ -43,6 +45,21 @@ def _write_error(path: Path, exc: OSError) -> OutputWriteError:
     return error
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc``: no window in which
+    another thread would create files with a wrong mask); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     try:
@@ -53,6 +70,9 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
         raise _write_error(path, exc) from exc
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the mode a plain open() would (0644 under umask 022),
+        # like the run's PNGs and TensorBoard files, so colleagues on a shared server can read it
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -112,6 +132,18 @@ def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str])
     return _atomic(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
+def save_figure_atomic(path: Path, figure, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure atomically; the format comes from the final name's suffix (``.png``)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            figure.savefig(handle, format=fmt, **savefig_kwargs)
+            _sync(handle)
+
+    return _atomic(path, write)
+
+
 def append_line_durable(path: Path, line: str) -> None:
     """Append one line (JSONL) and fsync it. A torn last line after a crash is skipped by readers."""
     try:
@@ -129,7 +161,7 @@ class StagedDirectory:
         self.final = Path(final)
         self.partial = partial_dir(self.final)
         if self.final.exists() and not overwrite:
-            raise FileExistsError(f"output directory '{self.final}' exists; set overwrite: true or choose another output_dir")
+            raise FileExistsError(f"output directory '{self.final}' exists; set {option('overwrite', True)} or choose another {option('output_dir')}")
         self.overwrite = overwrite
 
     def open(self, fresh: bool = True) -> Path:

@@ -16,6 +16,7 @@ from untrac_pl.quantization import (
     from_config_quantized,
     quantized_load_kwargs,
 )
+from untrac_pl.vocabulary import option
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
-def _check_source(name: str, what: str) -> None:
+def _check_source(name: str, what: str, key: str = "model.name_or_path") -> None:
+    """``key``: the spec's field that named ``name`` (errors say it as the caller writes it: untrac_pl.vocabulary)."""
     if Path(name).expanduser().exists():
         return
     if _looks_like_path(name):
@@ -70,7 +72,8 @@ def _check_source(name: str, what: str) -> None:
     if _hub_offline():
         raise ModelLoadError(
             f"{what} '{name}' is not a local directory and the Hugging Face Hub is offline "
-            "(HF_HUB_OFFLINE=1); pass a save_pretrained directory or a tiny `config`"
+            f"(HF_HUB_OFFLINE=1); set {option(key)} to a save_pretrained directory, or build a small model "
+            f"from {option('model.config')} (e.g. {{model_type: gpt2, n_layer: 2}})"
         )
 
 
@@ -85,8 +88,9 @@ def load_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
     else:
         name = spec.tokenizer or spec.name_or_path
         if name is None:
-            raise ModelLoadError("no tokenizer: set model.tokenizer, model.name_or_path or model.train_tokenizer_vocab")
-        _check_source(name, "tokenizer")
+            raise ModelLoadError(f"no tokenizer: set {option('model.tokenizer')}, {option('model.name_or_path')} "
+                                 f"or {option('model.train_tokenizer_vocab')}")
+        _check_source(name, "tokenizer", "model.tokenizer" if spec.tokenizer else "model.name_or_path")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         except (OSError, ValueError) as exc:
@@ -119,11 +123,12 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
         kwargs.update(quantized_load_kwargs(spec.quantization, spec.dtype))
     if spec.config is not None:
         if spec.name_or_path is not None:
-            raise ModelLoadError("set either model.name_or_path or model.config, not both")
+            raise ModelLoadError(f"set either {option('model.name_or_path')} or {option('model.config')}, not both "
+                                 f"(to load {option('model.name_or_path')}, add {option('model.config', None)})")
         config_kwargs = dict(spec.config)
         model_type = config_kwargs.pop("model_type", None)
         if model_type is None:
-            raise ModelLoadError("model.config needs a 'model_type' (e.g. gpt2, opt, llama)")
+            raise ModelLoadError(f"{option('model.config')} needs a 'model_type' (e.g. gpt2, opt, llama)")
         config_kwargs.setdefault("vocab_size", len(tokenizer))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tokenizer, key, None)
@@ -132,7 +137,7 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
         try:
             config = AutoConfig.for_model(model_type, **config_kwargs)
         except (ValueError, TypeError) as exc:
-            raise ModelLoadError(f"invalid model.config: {exc}") from None
+            raise ModelLoadError(f"invalid {option('model.config')}: {exc}") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             if spec.quantization:  # bitsandbytes quantises while loading: build, save, reload
@@ -155,7 +160,7 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
         except Exception as exc:
             raise _weights_error(spec.name_or_path, exc) from None
     else:
-        raise ModelLoadError("no model: set model.name_or_path (Hub id or local directory) or model.config")
+        raise ModelLoadError(f"no model: set {option('model.name_or_path')} (Hub id or local directory) or {option('model.config')}")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:

@@ -3,9 +3,10 @@
     <output_dir>/
       scores.safetensors         query-major ScoreTable (+ group scores), metadata = what determined them
       rankings.json              top-k training units per query and per query group
-      group_scores.csv / .md     the query-group x training-group table
+      group_scores.csv / .md     the query-group x training-group table (shared groups on the diagonal)
+      group_scores.png           that table as a heat map (each row's maximum outlined)
       memory.json                peak memory per phase
-      summary.json               metadata + how the run went (timings, failed targets, resumed targets)
+      summary.json               the command line, metadata + how the run went (timings, failed/resumed targets)
       config.yaml                the resolved config (CLI)
       baseline_group_scores.safetensors   a gradient method's own group table (target_unit: example)
       manifest.json              resume provenance (config hash, fingerprint, versions)
@@ -22,6 +23,7 @@ SCORES = "scores.safetensors"
 RANKINGS = "rankings.json"
 GROUP_SCORES_CSV = "group_scores.csv"
 GROUP_SCORES_MD = "group_scores.md"
+GROUP_HEATMAP = "group_scores.png"
 MEMORY = "memory.json"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from untrac_pl.console import no_transformers_bars
 from untrac_pl.errors import UnTracError
 from untrac_pl.runtime import CASTING_PRECISIONS, canonical_precision
 
@@ -205,9 +206,10 @@ def from_config_quantized(config, dtype, load_kwargs: dict) -> torch.nn.Module:
     load_kwargs = dict(load_kwargs)
     full = AutoModelForCausalLM.from_config(config, dtype=dtype, **{k: v for k, v in load_kwargs.items() if k not in ("quantization_config", "device_map")})
     with tempfile.TemporaryDirectory(prefix="untrac-quant-", ignore_cleanup_errors=True) as tmp:
-        full.save_pretrained(tmp)
+        with no_transformers_bars():  # an internal round trip, not a phase of the run
+            full.save_pretrained(tmp)
         del full
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_transformers_bars():
             warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
             model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **load_kwargs)
     keep_4bit_weights_unpacked(model)

@@ -9,12 +9,16 @@ import logging
 import math
 import platform
 import resource
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import asdict, is_dataclass
 from typing import Any, Optional
 
 import torch
+
+from untrac_pl.console import is_verbose
 
 # precisions that cast the whole module to another dtype (not autocast), in Lightning's canonical names
 CASTING_PRECISIONS = {"16-true", "bf16-true", "64-true", "transformer-engine", "transformer-engine-float16"}
@@ -93,9 +97,24 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C: a ``KeyboardInterrupt``, or the ``SystemExit`` into which Lightning's
+    Trainer turns one (``sys.exit(1)`` while handling it)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+
+
+def reenable_ctrl_c() -> None:
+    """Lightning ignores SIGINT after handling a Ctrl-C; give it back its default handler (main thread only)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class quiet_lightning:
     """Silence Lightning's per-Trainer banners ("GPU available...", tips) and the warnings known to be
-    harmless here inside the block (the engine builds one Trainer per target, which repeats them all)."""
+    harmless here inside the block (the engine builds one Trainer per target, which repeats them all).
+    Under ``untrac-pl --verbose`` (:func:`untrac_pl.console.set_verbose`) the banners stay."""
 
     NAMES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
     HARMLESS = (
@@ -112,8 +131,8 @@ class quiet_lightning:
         self._warnings.__enter__()
         for message in self.HARMLESS:
             warnings.filterwarnings("ignore", message=message)
-        self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
-        for name in self.NAMES:
+        self.levels = {} if is_verbose() else {n: logging.getLogger(n).level for n in self.NAMES}
+        for name in self.levels:
             logging.getLogger(name).setLevel(logging.WARNING)
         return self
 

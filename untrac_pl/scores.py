@@ -70,6 +70,18 @@ class ScoreTable:
             rows = list(self.row_ids)
         return ScoreTable(matrix.float(), rows, rows, cols, cols, "group", "group", self.method, dict(self.metadata))
 
+    def top_k(self, k: int = 10) -> dict[str, list[tuple[str, float]]]:
+        """The ranking of each row: ``{row_id: [(col_id, score), ...]}``, the ``k`` highest finite scores,
+        highest first (ties: the earlier column first); NaN (failed) entries are left out. On
+        :meth:`group_level` it ranks training groups per query group."""
+        out = {}
+        for r, row_id in enumerate(self.row_ids):
+            values = self.scores[r].double()
+            finite = torch.isfinite(values)
+            order = torch.argsort(torch.where(finite, -values, torch.full_like(values, float("inf"))), stable=True)
+            out[row_id] = [(self.col_ids[c], float(values[c])) for c in order.tolist() if finite[c]][: max(0, int(k))]
+        return out
+
     def save(self, path: Path, extra_tensors: Optional[dict] = None) -> Path:
         group = self.group_level()
         meta = {

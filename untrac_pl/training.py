@@ -20,8 +20,10 @@ from typing import Iterator, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader, Sampler
 
+from untrac_pl.callbacks.progress import StepProgress
 from untrac_pl.data.collate import ExampleDataset, PadCollator
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
@@ -159,9 +161,13 @@ def fit_lm(
         ckpt = StepCheckpoint(checkpoint_dir, spec.checkpoint_steps, spec.seed, spec.exclude_groups)
         callbacks.append(ckpt)
     kwargs = {k: v for k, v in (trainer_kwargs or {}).items() if k not in ("callbacks", "logger", "max_steps", "max_epochs")}
+    # one bar over the steps on stderr (untrac_pl.callbacks.progress), never Lightning's "Training: / Epoch 0:" bar
+    if kwargs.pop("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        excluded = f" without {', '.join(spec.exclude_groups)}" if spec.exclude_groups else ""
+        callbacks.append(StepProgress(f"train{excluded}", spec.max_steps))
+    kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)  # a user's own bar still works
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("enable_model_summary", False)
-    kwargs.setdefault("enable_progress_bar", False)
     kwargs.setdefault("num_sanity_val_steps", 0)
     kwargs.setdefault("log_every_n_steps", spec.log_every_n_steps)  # an explicit trainer.log_every_n_steps wins
     started = time.perf_counter()

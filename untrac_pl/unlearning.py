@@ -53,7 +53,8 @@ class UnTracModule(CausalLMHolder):
         unlearning: UnlearningSchedule = UnlearningSchedule(),
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # not sent to the logger: the run logs its own HParams (untrac_pl.board.run_hparams)
+        self.save_hyperparameters(logger=False)
         self.model_spec = model
         self.optimizer_spec = optimizer
         self.schedule = unlearning
@@ -64,6 +65,9 @@ class UnTracModule(CausalLMHolder):
         self.target: Optional[Target] = None
         self.keep_on_device = False
         self._step_losses: list[torch.Tensor] = []
+        # the current target's loss per optimizer step, as tensors (no host sync per step); the run's
+        # TensorBoard logs it once the target is finished (untrac_pl.board)
+        self.ascent_curve: list[torch.Tensor] = []
         self.stopped_at_max_loss = False
         self.amp_skipped_steps = 0
         # targets_per_pass > 1 (untrac_pl.multiquery): targets scored together, one parameter set each
@@ -131,6 +135,9 @@ class UnTracModule(CausalLMHolder):
         losses = self(batch)
         return losses.sum() / batch["denominator"]
 
+    def on_train_start(self) -> None:
+        self.ascent_curve = []
+
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
         self.stopped_at_max_loss = False
@@ -163,11 +170,10 @@ class UnTracModule(CausalLMHolder):
             if scheduler is not None and not skipped:  # as the HF Trainer: no lr step for a skipped update
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
-            step_loss = float(torch.stack(self._step_losses).sum())
+            step_loss = torch.stack(self._step_losses).sum().detach()
             self._step_losses = []
-            if self.logger is not None:
-                self.logger.log_metrics({f"ascent_loss/{target_id}": step_loss}, step=step)
-            if self.schedule.max_loss is not None and step_loss > self.schedule.max_loss:
+            self.ascent_curve.append(step_loss)
+            if self.schedule.max_loss is not None and float(step_loss) > self.schedule.max_loss:
                 self.stopped_at_max_loss = True
                 self.trainer.should_stop = True
         return loss.detach()

@@ -73,7 +73,7 @@ class _Setup:
                  projection_dim: Optional[int] = None, projection_kind: str = "rademacher",
                  projection_seed: int = 0, batch_size: int = 8, pad_token_id: int = 0,
                  use_vmap: bool = True, vmap_chunk_size: Optional[int] = None,
-                 group_normalize: str = "group"):
+                 group_normalize: str = "group", progress: Optional[Callable[[int, Optional[int]], None]] = None):
         if group_normalize not in ("group", "example"):
             raise ValueError(f"group_normalize must be 'group' or 'example', got {group_normalize!r}")
         self.model = model
@@ -86,6 +86,7 @@ class _Setup:
         self.train_groups_raw = train_groups
         self.query_groups_raw = query_groups
         self.group_normalize = group_normalize
+        self.progress = progress  # progress(batches done, batches per pass) after each training batch of a pass
         self.info = {"n_params": self.gc.space.numel, "param_names": list(self.gc.space.names),
                      "projection_dim": projection_dim,
                      "projection_kind": projection_kind if projection_dim else None,
@@ -132,7 +133,8 @@ class _Setup:
         gsum = None
         if self.train_gid is not None:
             gsum = torch.zeros(len(self.train_names), Qf.shape[1], device=Qf.device)
-        for batch in self.train:
+        total = len(self.train) if hasattr(self.train, "__len__") else None
+        for done, batch in enumerate(self.train, start=1):
             idx = tracker.positions(batch)
             F = featurize(self.gc.per_example(batch))
             Fn = _normalize(F) if normalize_train else F
@@ -144,6 +146,8 @@ class _Setup:
                 gsum.index_add_(0, self.train_gid[idx].to(F.device), use)
             elif Qgf is not None:
                 gcols.append(Qgf @ Fn.T)
+            if self.progress is not None:
+                self.progress(done, total)
         order = tracker.finish().to(Qf.device)
         n = order.numel()
         S = torch.empty(Qf.shape[0], n, device=Qf.device)

@@ -16,7 +16,8 @@ class MemoryMonitor(Callback):
     On CUDA: ``torch.cuda.max_memory_allocated`` with the peak counter reset at each phase start.
     On CPU: the process RSS sampled at every batch end (a lower bound of the true peak).
     ``report()`` gives ``{phase: {"peak_bytes", "peak_gb", "device"}}``, which the engine writes to
-    ``memory.json``; the figures are also sent to the logger. ``report()["model"]`` adds the model's
+    ``memory.json``; the run's TensorBoard gets them once, at the end (:mod:`untrac_pl.board`: one
+    value per tag, not one per Trainer). ``report()["model"]`` adds the model's
     static footprint (parameter, buffer and trainable bytes; quantised weights at their packed size).
     """
 
@@ -77,16 +78,6 @@ class MemoryMonitor(Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._sample("scoring", pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._log(trainer, "unlearning")
-
-    def on_predict_end(self, trainer, pl_module):
-        self._log(trainer, "scoring")
-
-    def _log(self, trainer, phase: str) -> None:
-        if trainer.logger is not None and phase in self.peaks:
-            trainer.logger.log_metrics({f"memory/{phase}_peak_gb": self.peaks[phase] / 2**30}, step=0)
 
     def report(self) -> dict:
         measure = "torch.cuda.max_memory_allocated" if self.device_kind == "cuda" else "process RSS sampled per batch"

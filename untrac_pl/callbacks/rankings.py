@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -10,12 +11,37 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from untrac_pl.board import RunBoard
 from untrac_pl.distributed import merge_across_ranks
+from untrac_pl.errors import OutputWriteError
+from untrac_pl.figures import group_heatmap, row_maxima
 from untrac_pl.io import write_json_atomic, write_text_atomic
-from untrac_pl.outputs import GROUP_SCORES_CSV, GROUP_SCORES_MD, RANKINGS, SCORES
+from untrac_pl.outputs import (
+    GROUP_HEATMAP,
+    GROUP_SCORES_CSV,
+    GROUP_SCORES_MD,
+    RANKINGS,
+    SCORES,
+)
 from untrac_pl.scores import ScoreTable
 
 UNLEARNING_SIGN = "positive = the training unit helped produce the query (unlearning it raises the query loss)"
+
+log = logging.getLogger(__name__)
+
+
+def aligned_groups(group: ScoreTable) -> ScoreTable:
+    """The group table with one group order for rows and columns: the query groups that are also
+    training groups first, in the column order (so they sit on the diagonal), then the others in
+    their own order. Columns are unchanged (the score file's order)."""
+    cols = set(group.col_ids)
+    shared = [group.row_ids.index(c) for c in group.col_ids if c in group.row_ids]
+    order = shared + [r for r, name in enumerate(group.row_ids) if name not in cols]
+    if order == list(range(len(group.row_ids))):
+        return group
+    rows = [group.row_ids[r] for r in order]
+    return ScoreTable(group.scores[order], rows, [group.row_groups[r] for r in order], list(group.col_ids), list(group.col_groups),
+                      group.row_unit, group.col_unit, group.method, dict(group.metadata))
 
 
 class RankingWriter(BasePredictionWriter):
@@ -24,14 +50,17 @@ class RankingWriter(BasePredictionWriter):
     One ``predict`` pass per unlearning target yields one score vector over the evaluation set;
     the run's :class:`~untrac_pl.methods.base.AttributionPlan` says whether that vector is a row
     (UnTrac-Inv: target = query) or a column (UnTrac: target = training group) of the query-major
-    matrix. Outputs (all atomic): ``scores.safetensors``, ``rankings.json``, ``group_scores.csv``
-    and ``group_scores.md``; TensorBoard gets a score histogram and the top-k table as text.
+    matrix. Outputs (all atomic): ``scores.safetensors``, ``rankings.json``, ``group_scores.csv``,
+    ``group_scores.md`` and the heat map ``group_scores.png``; TensorBoard gets score histograms per query
+    group and, in the Text tab, the group table, the query texts and the top-k (:mod:`untrac_pl.board`).
     """
 
-    def __init__(self, output_dir: Optional[str] = None, top_k: int = 10, snippet_chars: int = 200, sign: str = UNLEARNING_SIGN):
+    def __init__(self, output_dir: Optional[str] = None, top_k: int = 10, snippet_chars: int = 200, sign: str = UNLEARNING_SIGN,
+                 display: Optional[str] = None):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
         self.top_k, self.snippet_chars, self.sign = top_k, snippet_chars, sign
+        self.display = display  # the method's display name (UnTrac-Inv), for the heat map's title
         self.plan = None
         self.matrix: Optional[torch.Tensor] = None
         self.failed: dict[str, dict] = {}
@@ -171,15 +200,19 @@ class RankingWriter(BasePredictionWriter):
 
     @staticmethod
     def group_tables(table: ScoreTable) -> tuple[str, str]:
-        group = table.group_level()
+        """``group_scores.csv`` and ``group_scores.md``: the group level in :func:`aligned_groups` order
+        (shared groups on the diagonal); the .md marks each row's maximum in bold."""
+        group = aligned_groups(table.group_level())
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["query_group"] + group.col_ids)
-        lines = ["| query group | " + " | ".join(group.col_ids) + " |", "|---" * (len(group.col_ids) + 1) + "|"]
-        for r, name in enumerate(group.row_ids):
-            values = group.scores[r].tolist()
+        lines = ["| query group \\ training group | " + " | ".join(group.col_ids) + " |", "|---" * (len(group.col_ids) + 1) + "|"]
+        rows = [group.scores[r].tolist() for r in range(len(group.row_ids))]
+        for name, values, best in zip(group.row_ids, rows, row_maxima(rows)):
             writer.writerow([name] + [f"{v:.6g}" for v in values])
-            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+            cells = [f"**{v:.4g}**" if j in best else f"{v:.4g}" for j, v in enumerate(values)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Mean score of each training group (column) on each query group (row); **bold**: the row's largest."]
         return buffer.getvalue(), "\n".join(lines) + "\n"
 
     def write_outputs(self, metadata: dict, logger=None) -> ScoreTable:
@@ -190,21 +223,18 @@ class RankingWriter(BasePredictionWriter):
         csv_text, md_text = self.group_tables(table)
         write_text_atomic(self.output_dir / GROUP_SCORES_CSV, csv_text)
         write_text_atomic(self.output_dir / GROUP_SCORES_MD, md_text)
+        try:
+            group_heatmap(aligned_groups(table.group_level()), self.output_dir / GROUP_HEATMAP,
+                          title=f"{self.display or table.method}: query group × training group")
+        except OutputWriteError:
+            raise  # a full disk is reported like any other file's
+        except Exception as exc:  # the figure is a view of group_scores.csv: never lose a finished run over it
+            log.warning("%s not written (%s: %s)", GROUP_HEATMAP, type(exc).__name__, exc)
         self._log_tensorboard(table, rankings, logger)
         return table
 
-    @staticmethod
-    def _log_tensorboard(table: ScoreTable, rankings: dict, logger) -> None:
-        experiment = getattr(logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_histogram"):
-            return
-        finite = table.scores[torch.isfinite(table.scores)]
-        if finite.numel():
-            experiment.add_histogram("scores/all", finite, 0)
-        lines = ["| query | rank | train unit | group | score | text |", "|---|---|---|---|---|---|"]
-        for query in rankings["queries"]:
-            for item in query["top"]:
-                text = item.get("text", "").replace("|", "\\|")
-                lines.append(f"| {query['query_id']} | {item['rank']} | {item['id']} | {item['group']} | {item['score']:.4g} | {text} |")
-        experiment.add_text("rankings/top_k", "\n".join(lines), 0)
-        experiment.flush()
+    def _log_tensorboard(self, table: ScoreTable, rankings: dict, logger) -> None:
+        """Histograms and the Text tab (tags: :mod:`untrac_pl.board`); ``logger``: the run's
+        :class:`~untrac_pl.board.RunBoard`, or a Lightning logger (``None``: nothing)."""
+        board = logger if isinstance(logger, RunBoard) else RunBoard(logger, self.plan)
+        board.results(table, rankings, self.group_tables(table)[1])

@@ -10,12 +10,16 @@ answer at once); a command's module is imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import shlex
 import sys
 from typing import Optional
 
 from untrac_pl import __version__
+from untrac_pl.console import VERBOSE_HELP, quiet_command, stderr_is_terminal
 from untrac_pl.errors import UnTracError
+from untrac_pl.vocabulary import CLI, speaking
 
 #: command -> its one-line description, for ``untrac-pl --help`` without importing the command (each is
 #: the first line of ``untrac_pl.cli.<command>.main.__doc__``; tests/test_cli.py checks they agree)
@@ -27,18 +31,22 @@ COMMANDS: dict[str, str] = {
     "scaling": "Run the same attribution across model sizes; record parameters, runtime and peak memory.",
 }
 
+#: the LightningCLI commands, whose keys are the CLI vocabulary's (untrac_pl.vocabulary.CLI: model.model.*, attribution.*)
+LIGHTNING_COMMANDS = ("attribute", "fit")
+
 
 def root_parser() -> argparse.ArgumentParser:
     """``untrac-pl [--version] <command> [args ...]``; the command's own parser reads ``args``."""
     listing = "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="untrac-pl",
-        usage="untrac-pl [-h] [--version] {" + ",".join(COMMANDS) + "} [-c CONFIG] [--print_config] [--key value ...]",
+        usage="untrac-pl [-h] [--version] [--verbose] {" + ",".join(COMMANDS) + "} [-c CONFIG] [--print_config] [--key value ...]",
         description="UnTrac and UnTrac-Inv training-data attribution (Isonuma & Titov, ACL 2024) on PyTorch Lightning.",
         epilog=f"commands:\n{listing}\n\n'untrac-pl <command> --help' lists a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"untrac-pl {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (before or after the command)")
     # the commands are listed in the epilog, with their descriptions
     parser.add_argument("command", choices=list(COMMANDS), help=argparse.SUPPRESS)
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -58,17 +66,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version (0) or an unknown command (2, after argparse's message)
         return exc.code if isinstance(exc.code, int) else 0
     command = parsed.command
-    rest = argv[argv.index(command) + 1:]  # verbatim (argparse would drop a '--')
+    rest, verbose = _without_verbose(argv[argv.index(command) + 1:])  # verbatim (argparse would drop a '--')
+    verbose = verbose or parsed.verbose
+    if stderr_is_terminal() and not {"-h", "--help", "--print_config"} & {a.split("=", 1)[0] for a in rest}:
+        # a first line at once: importing torch, Lightning and transformers takes seconds
+        print(f"untrac-pl {command}: loading ...", file=sys.stderr, flush=True)
     try:
-        # lazy: each command pulls in torch, Lightning and transformers; only the one that runs is imported
-        module = importlib.import_module(f"untrac_pl.cli.{command}")
-        return module.main(rest) or 0
+        # Lightning's banners and tips off unless --verbose; errors name attribute's / fit's flags (--model.model.config)
+        with quiet_command(verbose), (speaking(CLI) if command in LIGHTNING_COMMANDS else contextlib.nullcontext()):
+            # lazy: each command pulls in torch, Lightning and transformers; only the one that runs is imported
+            module = importlib.import_module(f"untrac_pl.cli.{command}")
+            return module.main(rest) or 0
     except (UnTracError, FileExistsError, ValueError) as exc:
         print(f"untrac-pl {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except argparse.ArgumentError as exc:  # config typos, wrong types, unknown keys (jsonargparse)
-        print(f"untrac-pl {command}: error: {' '.join(str(exc).split())} (see untrac-pl {command} --help)", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        see = "" if "(did you mean" in message else f" (see untrac-pl {command} --help)"
+        print(f"untrac-pl {command}: error: {message}{see}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"untrac-pl {command}: interrupted; finished targets are kept: re-run the same command to resume", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
+            raise  # --help, --print_config; Lightning's sys.exit(1) after a Ctrl-C is an interrupt
+        what = {"attribute": "to resume, run the same command again", "reproduce": "to resume"}.get(command, "to run it again")
+        print(f"untrac-pl {command}: interrupted; {what}:\n  {resume_command(command, argv)}", file=sys.stderr)
         return 130
+
+
+def _without_verbose(args: list[str]) -> tuple[list[str], bool]:
+    """``args`` without ``--verbose`` (a command accepts it anywhere before a ``--``) and whether it was there."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--verbose"] + args[end:]
+    return kept, len(kept) != len(args)
+
+
+#: what an interrupted command needs added to go on: reproduce reuses finished seeds only with --resume true;
+#: fit starts over in its (now non-empty) output directory
+RESUME_FLAGS = {"reproduce": ("--resume", "true"), "fit": ("--output.overwrite", "true")}
+
+
+def resume_command(command: str, argv: list[str]) -> str:
+    """The command line that goes on after an interrupt (``attribute``: the same one, its finished targets are kept)."""
+    argv = list(argv)
+    flag = RESUME_FLAGS.get(command)
+    if flag and not any(a == flag[0] or a.startswith(flag[0] + "=") for a in argv):
+        argv += list(flag)
+    return "untrac-pl " + shlex.join(argv)

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from argparse import ArgumentError
 from typing import Any, Optional
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+
+from untrac_pl.cli._suggest import with_suggestion
+from untrac_pl.console import VERBOSE_HELP, is_verbose
 
 
 class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -39,6 +43,12 @@ def replace_source_lists(args: Optional[list[str]]) -> Optional[list[str]]:
     return out
 
 
+def add_verbose_argument(parser) -> None:
+    """``--verbose`` in a command's ``--help`` (``untrac_pl.cli.main`` takes it off the arguments first, so it
+    never reaches the config: the default is SUPPRESS)."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
 class KwargsTrainerCLI(LightningCLI):
     """``LightningCLI(run=False)`` for one model class and one datamodule class, with ``trainer_kwargs``
     instead of ``trainer``; parse errors raise ``ArgumentError`` (``untrac_pl.cli.main`` reports them in one line)."""
@@ -49,11 +59,32 @@ class KwargsTrainerCLI(LightningCLI):
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         seed_logger = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0" before every run or error
         level = seed_logger.level
-        seed_logger.setLevel(logging.WARNING)
+        if not is_verbose():  # untrac-pl --verbose: Lightning's messages stay
+            seed_logger.setLevel(logging.WARNING)
         try:
             self._build(model_class, datamodule_class, replace_source_lists(args), prog, description, epilog)
+        except ArgumentError as exc:  # a mistyped key: name the nearest valid one
+            parser = getattr(self, "parser", None)
+            raise (with_suggestion(exc, parser) if parser is not None else exc) from None
         finally:
             seed_logger.setLevel(level)
+
+    def add_default_arguments_to_parser(self, parser) -> None:
+        super().add_default_arguments_to_parser(parser)
+        add_verbose_argument(parser)
+
+    def add_tool_arguments(self, parser) -> None:
+        """The command's own sections (``attribution``; ``fit``, ``output``): listed first in ``--help``."""
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """The tool's options before the Trainer's: ``--help`` lists the groups in the order they are added,
+        here the command's sections, ``model``, ``data``, then ``trainer`` (LightningCLI's own order is
+        ``trainer``, ``model``, ``data``, the command's sections: ~500 lines of Trainer flags first)."""
+        self.add_tool_arguments(parser)
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def _build(self, model_class, datamodule_class, args, prog: str, description: str, epilog: Optional[str]) -> None:
         super().__init__(

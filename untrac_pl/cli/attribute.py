@@ -8,9 +8,12 @@ the engine builds one Trainer per target).
 """
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Optional
 
 from untrac_pl.cli._lightning import KwargsTrainerCLI
+from untrac_pl.cli._report import attribution_report
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.methods import methods_help
@@ -20,8 +23,10 @@ from untrac_pl.unlearning import UnTracModule
 class AttributionCLI(KwargsTrainerCLI):
     """The LightningCLI of ``attribute``: model, data, trainer and an ``attribution`` section."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_tool_arguments(self, parser) -> None:
         parser.add_class_arguments(AttributionConfig, "attribution")
+
+    def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.accelerator": "auto", "trainer.devices": 1, "trainer.logger": True})
 
 
@@ -31,8 +36,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          description="UnTrac / UnTrac-Inv training-data attribution", epilog=methods_help())
     config: AttributionConfig = cli.config_init["attribution"]
     # the resolved config is written inside the run directory before it is renamed into place
-    result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={"config.yaml": cli.config_text()})
+    command = "untrac-pl attribute " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in summary.json
+    result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={"config.yaml": cli.config_text()}, command=command)
     if result.output_dir is not None:  # under DDP only rank 0 writes (and reports)
-        print(f"wrote {result.output_dir} ({len(result.table.row_ids)} x {len(result.table.col_ids)} scores, "
-              f"{len(result.failed)} failed targets, {result.timings['total_s']:.1f} s)")
+        print(attribution_report(result))  # the findings, the files, the TensorBoard command
     return 1 if result.failed else 0

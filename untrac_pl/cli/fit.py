@@ -16,6 +16,8 @@ from typing import Optional
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from untrac_pl.cli._lightning import KwargsTrainerCLI
+from untrac_pl.cli._report import FIT_DESCRIPTIONS, files_block, tensorboard_line
+from untrac_pl.console import no_transformers_bars
 from untrac_pl.io import write_json_atomic
 from untrac_pl.lm import CausalLMModule, example_losses
 from untrac_pl.training import FitSpec, LMDataModule, fit_lm, save_weights
@@ -33,9 +35,11 @@ class FitOutput:
 class FitCLI(KwargsTrainerCLI):
     """The LightningCLI of ``fit``: model, data, trainer, ``fit`` and ``output`` sections."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_tool_arguments(self, parser) -> None:
         parser.add_class_arguments(FitSpec, "fit")
         parser.add_class_arguments(FitOutput, "output")
+
+    def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.accelerator": "auto", "trainer.devices": 1})
 
 
@@ -53,8 +57,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     corpus = dm.tokenize(module.tokenizer)
     logger = TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version="", default_hp_metric=False)
     info = fit_lm(module, corpus, spec, cli.trainer_kwargs, logger=logger, checkpoint_dir=out_dir / "checkpoints")
-    module.net.save_pretrained(out_dir / "model")
-    module.tokenizer.save_pretrained(out_dir / "model")
+    with no_transformers_bars():
+        module.net.save_pretrained(out_dir / "model")
+        module.tokenizer.save_pretrained(out_dir / "model")
     save_weights(module.net, out_dir / "final" / "model.safetensors")
     # the lr the last step used (with a decaying schedule it is far below the base lr; TracIn weights by it)
     write_json_atomic(out_dir / "final" / "checkpoint.json", {"step": info["steps"], "lr": info["last_lr"], "seed": spec.seed, "excluded_groups": spec.exclude_groups})
@@ -62,6 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     per_group = {g: float(losses[idx].mean()) for g, idx in corpus.group_members().items()}
     write_json_atomic(out_dir / "fit_summary.json", {**info, "train_loss_per_group": per_group, "num_examples": len(corpus)})
     (out_dir / "config.yaml").write_text(cli.config_text())
-    print(f"wrote {out_dir} ({info['steps']} steps in {info['seconds']:.1f} s, final loss {info['final_train_loss']:.3f}); "
+    print(f"untrac-pl fit: {info['steps']} steps in {info['seconds']:.1f} s, final loss {info['final_train_loss']:.3f}; "
           f"per-group train loss: " + json.dumps({g: round(v, 3) for g, v in per_group.items()}))
+    board = tensorboard_line(out_dir)
+    print("\n".join(["", *files_block(out_dir, FIT_DESCRIPTIONS), *(["", board] if board else [])]))
     return 0

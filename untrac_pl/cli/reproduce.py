@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import shlex
 import sys
-from argparse import ArgumentError
+from argparse import SUPPRESS, ArgumentError
 from dataclasses import fields
 from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from untrac_pl.cli._suggest import with_suggestion
+from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.reproduce import ReproduceConfig, reproduce
 
 
@@ -23,6 +25,7 @@ def parser() -> ArgumentParser:
                             description="Reproduce the paper's experiments end to end (training, leave-group-out ground truth, "
                             "UnTrac / UnTrac-Inv, correlations, tables, figures)")
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config")
+    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
     parser.add_class_arguments(ReproduceConfig, None, as_group=True)
     parser.add_argument("--trainer", type=dict, default={}, help="extra Trainer keyword arguments (accelerator, precision, ...)")
     return parser
@@ -37,7 +40,7 @@ def parse(argv: list[str]) -> tuple[ReproduceConfig, dict]:
         if "'reproduce." in str(exc):  # a config of the earlier layout, whose fields sat under `reproduce:`
             raise ArgumentError(None, f"{exc}; the fields of a reproduce config are top-level keys: remove the "
                                 "'reproduce:' line and dedent the rest") from None
-        raise
+        raise with_suggestion(exc, p) from None
     init = p.instantiate(parsed)
     config = ReproduceConfig(**{f.name: init[f.name] for f in fields(ReproduceConfig)})
     return config, dict(init.trainer or {})

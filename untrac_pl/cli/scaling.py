@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import shlex
 import sys
+from argparse import SUPPRESS
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from untrac_pl.cli._suggest import parse_args
+from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.scaling import (
     RESULTS_FILE,
     ScalingExperiment,
     ScalingExperimentConfig,
 )
+from untrac_pl.vocabulary import UNTRAC_SECTION, speaking
 
 
 def parser() -> ArgumentParser:
@@ -26,13 +30,14 @@ def parser() -> ArgumentParser:
     parser = ArgumentParser(prog="untrac-pl scaling", exit_on_error=False,
                             description="Scaling experiment: the same UnTrac-Inv attribution across a list of models")
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
     parser.add_class_arguments(ScalingExperimentConfig, None, as_group=True)
     return parser
 
 
 def parse(argv: list[str]) -> ScalingExperimentConfig:
     p = parser()
-    init = p.instantiate(p.parse_args(argv))
+    init = p.instantiate(parse_args(p, argv))
     return ScalingExperimentConfig(**{f.name: init[f.name] for f in fields(ScalingExperimentConfig)})
 
 
@@ -42,7 +47,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = parse(argv)
     command = "untrac-pl scaling " + " ".join(shlex.quote(a) for a in argv)
     experiment = ScalingExperiment(config, command=command)
-    results = experiment.run_scaling_experiment()
+    with speaking(UNTRAC_SECTION):  # warnings name untrac.* keys (not UnTracConfig's Python fields)
+        results = experiment.run_scaling_experiment()
     plot = experiment.plot_results()
     summary = results["summary"]
     print(f"wrote {Path(config.output_dir) / RESULTS_FILE}{' and ' + str(plot) if plot else ''} "

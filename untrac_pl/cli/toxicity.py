@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import shlex
 import sys
+from argparse import SUPPRESS
 from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from untrac_pl.cli._suggest import parse_args
 from untrac_pl.compat import UnTracConfig
+from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.toxicity import (
     RESULTS_FILE,
     ToxicityAttributionExperiment,
     ToxicityExperimentConfig,
 )
+from untrac_pl.vocabulary import UNTRAC_SECTION, speaking
 
 
 def parser() -> ArgumentParser:
@@ -27,6 +31,7 @@ def parser() -> ArgumentParser:
     parser = ArgumentParser(prog="untrac-pl toxicity", exit_on_error=False,
                             description="Toxicity attribution: generate a completion per prompt, attribute it with UnTrac-Inv")
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
+    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
     parser.add_class_arguments(UnTracConfig, "untrac")
     parser.add_class_arguments(ToxicityExperimentConfig, "experiment")
     return parser
@@ -36,10 +41,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Generate from toxicity prompts and attribute each completion (the seed's experiment)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
-    init = p.instantiate(p.parse_args(argv))
+    init = p.instantiate(parse_args(p, argv))
     command = "untrac-pl toxicity " + " ".join(shlex.quote(a) for a in argv)
     experiment = ToxicityAttributionExperiment(init.untrac, init.experiment, command=command)
-    results = experiment.run_experiment()
+    with speaking(UNTRAC_SECTION):  # warnings name untrac.* keys (not UnTracConfig's Python fields)
+        results = experiment.run_experiment()
     path = Path(init.experiment.output_dir) / RESULTS_FILE
     print(f"wrote {path} ({len(results['test_cases'])} test cases, {results['timings']['total_s']:.1f} s)")
     return 1 if results["failed_targets"] else 0

@@ -15,7 +15,7 @@ from typing import Optional
 
 from untrac_pl.evaluation.ground_truth import GROUND_TRUTH
 from untrac_pl.evaluation.metrics import test_set_of
-from untrac_pl.io import write_json_atomic, write_text_atomic
+from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from untrac_pl.methods import display_name
 
 # Paper Table 3 (Pearson; equal / unequal corpus sizes), from docs/paper.md.
@@ -164,59 +164,120 @@ def paper_table3_markdown(metrics: dict, method_names: list[str]) -> str:
     return "\n\n".join(blocks)
 
 
+#: figure text sizes (points): every label is readable when the PNG is shown at page width
+FONT = {"suptitle": 14, "title": 12, "label": 11, "tick": 10, "legend": 10}
+MAX_COLUMNS = 4  # panels per figure row: a grid that fits a page instead of one long strip
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels: at most :data:`MAX_COLUMNS` columns, as square as that allows."""
+    if n <= 3:
+        cols = n
+    elif n in (4, 5, 6, 9):
+        cols = {4: 2, 5: 3, 6: 3, 9: 3}[n]
+    else:
+        cols = MAX_COLUMNS
+    return math.ceil(n / cols), cols
+
+
+def _pearson_title(name: str, test_sets: dict, width: int = 36) -> str:
+    """Method name, then its Pearson per test set, wrapped to ``width`` characters (one panel at 12 pt)."""
+    lines = ["Pearson:"]
+    for t, v in test_sets.items():
+        item = f"{t} {_fmt(v['pearson'], 2)}"
+        if len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += (" " if lines[-1].endswith(":") else ", ") + item
+        else:
+            lines.append(item)
+    return display(name) + "\n" + "\n".join(lines)
+
+
 def write_figures(metrics: dict, out_dir: Path, method_names: list[str]) -> list[str]:
-    import matplotlib
+    """``scatter_<setting>.png`` (ground truth vs estimate, one panel per method) and
+    ``heatmap_<setting>.png`` (subset x group influence, ground truth and every method), both as grids
+    of at most :data:`MAX_COLUMNS` columns with one shared legend / colour bar, constrained layout (no
+    title overlaps the panels) and text of at least 10 pt (:data:`FONT`)."""
+    import matplotlib  # optional heavy dependency, imported only when figures are written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    rc = {"font.size": FONT["tick"], "axes.titlesize": FONT["title"], "axes.labelsize": FONT["label"],
+          "xtick.labelsize": FONT["tick"], "ytick.labelsize": FONT["tick"], "legend.fontsize": FONT["legend"]}
     for setting, result in metrics.items():
         names = [n for n in method_names if n in result["methods"]]
         gt = result["ground_truth"]["standardised"]
         subsets = list(gt)
         groups = list(next(iter(gt.values())))
-        # scatter: GT vs estimate
+        # scatter: GT vs estimate, one panel per method, one legend (the training groups) for all
         if names:
-            fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
-            colors = plt.cm.tab10.colors
-            for ax, name in zip(axes[0], names):
-                est = result["methods"][name]["standardised"]
-                for k, group in enumerate(groups):
-                    xs = [gt[s][group] for s in subsets]
-                    ys = [est[s][group] for s in subsets]
-                    ax.scatter(xs, ys, s=18, color=colors[k % 10], label=group, alpha=0.8)
-                lim = 2.6
-                ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
-                ts = result["methods"][name]["test_sets"]
-                pear = ", ".join(f"{t}: {_fmt(v['pearson'], 2)}" for t, v in ts.items())
-                ax.set_title(f"{display(name)}\nPearson {pear}", fontsize=8)
-                ax.set_xlabel("ground truth (standardised)")
-                ax.set_ylabel("estimate (standardised)")
-            axes[0][-1].legend(fontsize=6, loc="best")
-            fig.suptitle(f"{setting}: ground truth vs estimate (mean over seeds)", fontsize=10)
-            fig.tight_layout()
-            path = out_dir / f"scatter_{setting}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
+            nrows, ncols = _grid(len(names))
+            with plt.rc_context(rc):
+                fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.7 * nrows + 1.3), squeeze=False,
+                                         sharex=True, sharey=True, layout="constrained")
+                colors = plt.cm.tab10.colors
+                values = []
+                for ax, name in zip(axes.flat, names):
+                    est = result["methods"][name]["standardised"]
+                    for k, group in enumerate(groups):
+                        xs = [gt[s][group] for s in subsets]
+                        ys = [est[s][group] for s in subsets]
+                        values += [v for v in xs + ys if math.isfinite(v)]
+                        ax.scatter(xs, ys, s=18, color=colors[k % 10], label=group, alpha=0.8)
+                    ax.set_title(_pearson_title(name, result["methods"][name]["test_sets"]))
+                    ax.grid(True, alpha=0.3)
+                lim = max([2.6] + [abs(v) + 0.2 for v in values])
+                for i, ax in enumerate(axes.flat):
+                    if i >= len(names):
+                        ax.set_axis_off()
+                        continue
+                    ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
+                    ax.set_xlim(-lim, lim)
+                    ax.set_ylim(-lim, lim)
+                    row, col = divmod(i, ncols)
+                    if col == 0:
+                        ax.set_ylabel("estimate (standardised)")
+                    if row == nrows - 1 or i + ncols >= len(names):  # the lowest panel of its column
+                        ax.set_xlabel("ground truth (standardised)")
+                        ax.xaxis.set_tick_params(labelbottom=True)
+                handles, labels = axes.flat[0].get_legend_handles_labels()
+                entry = 0.75 + 0.085 * max(len(g) for g in groups)  # inches per legend entry at 10 pt
+                fig.legend(handles, labels, loc="outside lower center", ncols=max(1, min(len(groups), int(3.9 * ncols / entry))), title="training group",
+                           markerscale=1.6, frameon=False)
+                fig.suptitle(f"{setting}: ground truth vs estimate (mean over seeds)", fontsize=FONT["suptitle"])
+                path = save_figure_atomic(out_dir / f"scatter_{setting}.png", fig, dpi=110)
+                plt.close(fig)
             written.append(path.name)
-        # heat maps
+        # heat maps: subset (y) x group (x), the ground truth first
         panels = [("ground_truth", gt)] + [(n, result["methods"][n]["standardised"]) for n in names]
-        height = max(2.5, 0.22 * len(subsets) + 1.5)
-        fig, axes = plt.subplots(1, len(panels), figsize=(0.5 * len(groups) * len(panels) + 2.5, height), squeeze=False)
-        for ax, (name, table) in zip(axes[0], panels):
-            matrix = [[table[s][g] for g in groups] for s in subsets]
-            image = ax.imshow(matrix, cmap="RdBu_r", vmin=-2.2, vmax=2.2, aspect="auto")
-            ax.set_xticks(range(len(groups)))
-            ax.set_xticklabels(groups, rotation=60, fontsize=7, ha="right")
-            ax.set_yticks(range(len(subsets)))
-            ax.set_yticklabels(subsets if ax is axes[0][0] else [], fontsize=6)
-            ax.set_title(display(name), fontsize=9)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="standardised influence")
-        fig.suptitle(f"{setting}: influence of training group (x) on test subset (y)", fontsize=10)
-        path = out_dir / f"heatmap_{setting}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        nrows, ncols = _grid(len(panels))
+        label_width = 0.09 * max(len(s) for s in subsets)
+        panel_w = max(1.6, 0.36 * len(groups))
+        panel_h = max(1.8, 0.21 * len(subsets))
+        group_label = 0.09 * max(len(g) for g in groups) * 0.8
+        with plt.rc_context(rc):
+            fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True, layout="constrained",
+                                     figsize=(label_width + panel_w * ncols + 0.25 * ncols + 1.6,
+                                              (panel_h + group_label + 0.6) * nrows + 0.7))
+            for i, ax in enumerate(axes.flat):
+                if i >= len(panels):
+                    ax.set_axis_off()
+                    continue
+                name, table = panels[i]
+                matrix = [[table[s][g] for g in groups] for s in subsets]
+                image = ax.imshow(matrix, cmap="RdBu_r", vmin=-2.2, vmax=2.2, aspect="auto", interpolation="nearest")
+                ax.set_xticks(range(len(groups)))
+                ax.set_xticklabels(groups, rotation=60, ha="right", rotation_mode="anchor")
+                ax.xaxis.set_tick_params(labelbottom=True)  # every panel names its columns
+                ax.set_yticks(range(len(subsets)))
+                ax.set_yticklabels(subsets)
+                ax.set_title(display(name))
+            fig.colorbar(image, ax=axes[:, :].ravel().tolist(), shrink=0.95 if nrows == 1 else 0.7,
+                         label="standardised influence")
+            fig.suptitle(f"{setting}: influence of training group (x) on test subset (y)", fontsize=FONT["suptitle"])
+            path = save_figure_atomic(out_dir / f"heatmap_{setting}.png", fig, dpi=110)
+            plt.close(fig)
         written.append(path.name)
     return written
 

@@ -107,7 +107,7 @@ class MethodContext:
             config = AttributionConfig(method=spec.name, target_unit=spec.target_unit, seed=self.seed, **dict(spec.options or {}))
         except ValueError as exc:  # AttributionConfig names attribution.<field>; say where it was written
             raise MethodOptionError(f"methods[{spec.key}].options: {exc}") from exc
-        kwargs = {**self.trainer_kwargs, "logger": False, "enable_progress_bar": False}
+        kwargs = {**self.trainer_kwargs, "logger": False}  # the run's bars on stderr (trainer.enable_progress_bar: false: none)
         result = run_attribution(module, datamodule, config, kwargs, write=False)
         if result.failed:
             raise FloatingPointError(f"{spec.key}: targets failed: {result.failed}")

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -31,14 +31,21 @@ import torch
 
 from untrac_pl.data.embedded import CORPUS_NAMES, TEST_SETS, UNEQUAL_FRACTIONS
 from untrac_pl.data.records import DataSource, read_records
+from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.data.synthetic import load_synthetic
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
 from untrac_pl.evaluation.metrics import evaluate_directory
 from untrac_pl.evaluation.report import write_report
-from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
+from untrac_pl.experiments.methods import (
+    MethodContext,
+    MethodData,
+    MethodSpec,
+    run_method,
+)
 from untrac_pl.io import write_json_atomic
 from untrac_pl.lm import CausalLMModule, LRSchedule, example_losses
+from untrac_pl.methods import canonical_name, get_method, method_names
 from untrac_pl.models import ModelSpec, build_model, load_tokenizer
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.resume import fingerprint_diff, score_trainer_settings
@@ -248,13 +255,14 @@ def expand_methods(cfg: ReproduceConfig) -> tuple[list[MethodSpec], dict]:
     methods = list(cfg.methods)
     sweep_info: dict = {}
     if cfg.sweep:
-        for base_name in cfg.sweep.methods:
+        for given in cfg.sweep.methods:
+            base_name = canonical_name(given, what="sweep.methods")
             base = next((m for m in cfg.methods if m.name == base_name), None)
             if base is None:
-                raise ValueError(f"sweep method '{base_name}' has no entry in methods:")
-            if base.name not in ("untrac", "untrac_inv"):
-                raise ValueError(f"sweep.methods: '{base_name}' takes no unlearning optimizer, so every optimizer x lr cell "
-                                 "would be the same run; sweep untrac or untrac_inv")
+                raise ValueError(f"sweep method '{given}' has no entry in methods:")
+            if get_method(base.name).kind != "unlearning":
+                raise ValueError(f"sweep.methods: '{given}' takes no unlearning optimizer, so every optimizer x lr cell "
+                                 f"would be the same run; sweep {' or '.join(method_names('unlearning'))}")
             for opt, lr in cfg.sweep.cells():
                 label = f"{base_name}@{opt}@{lr:g}"
                 methods.append(replace(base, label=label, optimizer=replace(base.optimizer, name=opt, lr=lr)))
@@ -290,6 +298,42 @@ class ReproduceResumeError(ValueError):
     """``--resume true`` on score files computed with a different configuration."""
 
 
+def _comparable_shared(shared: Optional[dict]) -> Optional[dict]:
+    """A stored θ0/ground-truth configuration in today's names (the generated corpora were ``embedded``)."""
+    if not shared or "corpora" not in shared:
+        return shared
+    corpora = dict(shared["corpora"])
+    for old, new in (("embedded_docs_per_corpus", "generated_docs_per_corpus"), ("embedded_test_per_group", "generated_test_per_group")):
+        if old in corpora:
+            corpora[new] = corpora.pop(old)
+    if corpora.get("source") == "embedded":
+        corpora["source"] = "generated"
+    return {**shared, "corpora": corpora}
+
+
+def _comparable_spec(spec: Optional[dict]) -> Optional[dict]:
+    """A method spec as today's fields, with what does not change its scores left out: a stored spec of an
+    older version (top-level ``samples_per_group``, no ``loss_reduction``/``max_grad_norm``/``lr_schedule``)
+    compares equal to the same method today, and ``target_unit`` counts only where the reproduction uses it."""
+    if not spec:
+        return spec
+    spec = json.loads(json.dumps(spec))
+    data = {**asdict(MethodData()), **(spec.get("data") or {})}
+    if "samples_per_group" in spec:
+        data["samples_per_group"] = spec.pop("samples_per_group")
+    spec["data"] = data
+    if isinstance(spec.get("unlearning"), dict):  # fields added since: their defaults, as the old run had them
+        defaults = {f.name: json_safe(f.default) for f in fields(UnlearningSchedule)}
+        spec["unlearning"] = {**defaults, **spec["unlearning"]}
+    try:
+        method = get_method(spec["name"])
+    except (KeyError, ValueError):
+        return spec
+    if method.kind != "unlearning" or method.unlearns_training_data:  # UnTrac and the baselines ignore it here
+        spec.pop("target_unit", None)
+    return spec
+
+
 def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
     """Refuse to reuse a seed folder whose ground truth or method files came from another configuration.
 
@@ -299,7 +343,7 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     if not gt_path.exists():
         return
-    stored = ScoreTable.load(gt_path).metadata.get("shared_config")
+    stored = _comparable_shared(ScoreTable.load(gt_path).metadata.get("shared_config"))
     if stored != shared:
         changed = fingerprint_diff(stored or {}, shared) if stored else "no configuration stored (written by an older version)"
         raise ReproduceResumeError(f"--resume true: '{seed_dir}' was computed with another θ0/ground-truth configuration: {changed}; "
@@ -307,8 +351,8 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
     for method in methods:
         path = seed_dir / f"{method.key}.safetensors"
         if path.exists():
-            old = json.loads(json.dumps(ScoreTable.load(path).metadata.get("spec"), default=str))
-            new = json.loads(json.dumps(asdict(method), default=str))  # as ScoreTable.save stores it
+            old = _comparable_spec(json.loads(json.dumps(ScoreTable.load(path).metadata.get("spec"), default=str)))
+            new = _comparable_spec(json.loads(json.dumps(asdict(method), default=str)))  # as ScoreTable.save stores it
             if old != new:
                 raise ReproduceResumeError(f"--resume true: '{path}' holds method '{method.key}' computed with other settings: "
                                            f"{fingerprint_diff(old or {}, new)}; delete that file to recompute it, or rerun with --resume false")

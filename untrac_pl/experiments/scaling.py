@@ -59,6 +59,8 @@ class ScalingExperimentConfig:
     corpus (``generator: quickstart``, enlarged to ``sample_size``: ``n_per_group = ceil(sample_size / 4)``)
     and its queries. ``untrac``: the unlearning settings of every
     model (default: the seed's — Adam here, lr 5e-5, one step, gradient checkpointing on).
+    ``output_dir``: where the JSON and the plot are written (default ``runs/scaling``; not ``results/``,
+    which in this repository holds the committed results).
     """
 
     models_to_test: Optional[list[Union[str, dict]]] = None
@@ -73,7 +75,7 @@ class ScalingExperimentConfig:
     queries: Optional[list[DataSource]] = None
     eval_batch_size: int = 4
     top_k: int = 10
-    output_dir: str = "results"
+    output_dir: str = "runs/scaling"
     continue_on_error: bool = True
 
     def __post_init__(self):

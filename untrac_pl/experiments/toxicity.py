@@ -98,6 +98,8 @@ class ToxicityExperimentConfig:
             ``none``, or a local directory / Hub id of a transformers sequence-classification model.
         toxicity_label: that model's label to read (default: the label whose name says toxic).
         snippet_chars: training texts are cut to this many characters in the JSON (the seed: 200).
+        output_dir: where ``untrac_toxicity_results.json`` is written (the seed: ``/mnt/user-data/outputs/``;
+            not ``results/``, which in this repository holds the committed results).
     """
 
     train: Optional[list[DataSource]] = None
@@ -114,7 +116,7 @@ class ToxicityExperimentConfig:
     attribute: Literal["completion", "full"] = "completion"
     toxicity_classifier: Optional[str] = "auto"
     toxicity_label: Optional[str] = None
-    output_dir: str = "results"
+    output_dir: str = "runs/toxicity"
     snippet_chars: int = 200
     show_progress: bool = False
 

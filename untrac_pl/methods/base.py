@@ -78,8 +78,8 @@ class RunContext:
     """Everything one run holds, created by the run shell before the method's first hook.
 
     ``new_trainer(logger)`` builds a per-target ``Trainer`` with the run's callbacks; ``state`` is the
-    resume state (``None`` when nothing is written or the method does not resume); ``info`` collects
-    what the method reports for ``summary.json`` and the score file's metadata.
+    resume state (``None`` when nothing is written or the method does not resume); the fields below
+    ``timings`` are what the methods hand from one hook to the next.
     """
 
     module: Any
@@ -93,6 +93,7 @@ class RunContext:
     new_trainer: Callable[[Any], Any]
     run_dir: Optional[Path] = None
     logger: Any = None
+    board: Any = None  # the run's TensorBoard (untrac_pl.board.RunBoard; None when nothing is logged)
     state: Any = None
     precision: str = "32-true"
     world_size: int = 1
@@ -101,15 +102,20 @@ class RunContext:
     target_info: dict = field(default_factory=dict)  # target id -> status, steps, ...
     steps: dict = field(default_factory=dict)  # target id -> optimizer steps taken
     timings: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # method-specific facts (e.g. a baseline's param names)
+    options: dict = field(default_factory=dict)  # the method's checked options (attribution.baseline)
+    eval_loader: Any = None  # the scored corpus in evaluation batches (unlearning methods)
+    failed_steps: dict = field(default_factory=dict)  # target id -> the optimizer step whose loss was non-finite
+    device: Any = None  # where a one-pass method computes
+    output: dict = field(default_factory=dict)  # a one-pass method's raw result (scores, groups, info)
     native: Any = None  # a method's own group-level table, written next to the scores (gradient methods)
 
 
 class AttributionMethod:
     """Base class of every method. Subclasses set the class attributes and implement the hooks.
 
-    ``Options``: a dataclass of the method's own options (``attribution.options`` in ``untrac-pl
-    attribute``, ``methods[<label>].options`` in a reproduction); its field docstrings document them.
+    ``Options``: a dataclass of the method's own options (``attribution.baseline`` in ``untrac-pl
+    attribute``, ``methods[<label>].options`` in a reproduction, ``options=`` in the Python API); its
+    field docs (``metadata={"doc": ...}`` or the class docstring's ``Args:``) document them.
     ``kind``: ``unlearning`` (the shell's per-target ascent) or ``gradient`` (one pass at θ0).
     ``resumable``: finished targets are persisted and a killed run resumes.
     """
@@ -135,13 +141,24 @@ class AttributionMethod:
         """The unlearning schedule of the paper's setting for this method (Python API default)."""
         return UnlearningSchedule()
 
+    @property
+    def description(self) -> str:
+        """How option errors name the method (EK-FAC: "EK-FAC (kronfluence)")."""
+        return self.name
+
+    def validate_options(self, options: dict, field_name: Callable[[str], str]) -> None:
+        """Checks of the accepted options' values (their names are checked before); ``field_name(key)``
+        is the field as the user wrote it (``attribution.baseline.<key>``, ``methods[<label>].options.<key>``)."""
+
     def config_options(self, options: dict) -> dict:
-        """The method's options as :class:`~untrac_pl.config.AttributionConfig` fields (Python API)."""
-        raise NotImplementedError
+        """The method's options as :class:`~untrac_pl.config.AttributionConfig` fields (Python API):
+        by default they go to ``attribution.baseline``, the options section of every non-UnTrac method."""
+        return {"baseline": dict(options)}
 
     # -- the run shell's hooks (see untrac_pl.engine) -------------------------------------------------
     def check(self, config, module, trainer_kwargs: dict) -> None:
-        """Refuse what cannot work, before any data or model is loaded."""
+        """Refuse what cannot work, before any data or model is loaded (the shell then checks the
+        options, ``config.baseline``, against ``Options`` and hands them over as ``ctx.options``)."""
 
     def configure_model(self, module) -> None:
         """Adjust the model spec before it is loaded (e.g. eager attention for ``vmap``)."""

@@ -26,6 +26,7 @@ import torch
 
 from untrac_pl.baselines.ekfac import ekfac_scores
 from untrac_pl.baselines.scores import gradcos, graddot, hif_arnoldi, hif_lissa, tracin
+from untrac_pl.console import Progress
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.errors import MethodOptionError
@@ -122,6 +123,28 @@ GRADIENT_SIGN = ("positive = the training unit helped produce the query (its gra
                  "query's: a descent step on it lowers the query loss)")
 
 
+class _TrainingPasses:
+    """The baseline's progress bar over its training-gradient batches (``progress`` of
+    :class:`untrac_pl.baselines.scores._Setup`), ``passes`` passes (TracIn: one per checkpoint)."""
+
+    def __init__(self, display: str, passes: int, enabled: bool = True):
+        self.display, self.passes, self.enabled = display, max(1, int(passes)), bool(enabled)
+        self.bar: Optional[Progress] = None
+        self.done_passes = 0
+
+    def __call__(self, done: int, per_pass: Optional[int]) -> None:
+        if self.bar is None:
+            total = per_pass * self.passes if per_pass else None
+            self.bar = Progress(f"{self.display} training gradients", total=total, unit="batch", lines=4, enabled=self.enabled)
+        elif done == 1:
+            self.done_passes += 1
+        self.bar.update((self.done_passes * (per_pass or 0) + done) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class GradientMethod(AttributionMethod):
     """A baseline scored in one pass at θ0: ``fn(model, train, queries, train_groups=, query_groups=, **options)``."""
 
@@ -130,11 +153,14 @@ class GradientMethod(AttributionMethod):
     fn: Callable = None
 
     @property
-    def description(self) -> str:
-        return self.name
+    def streams_training(self) -> bool:
+        """``fn`` streams the training gradients through ``_Setup`` (and takes its ``progress`` hook):
+        the built-in per-example-gradient methods; a method registered elsewhere gets no bar."""
+        return type(self).fn in (graddot, gradcos, tracin, hif_lissa, hif_arnoldi)
 
-    def validate_options(self, options: dict, field_name: Callable[[str], str]) -> None:
-        """Method-specific checks of the accepted options (names only are checked before)."""
+    def passes(self, options: dict) -> int:
+        """How many passes over the training batches ``fn`` makes (TracIn: one per checkpoint)."""
+        return 1
 
     def compute(self, model, train, queries, *, train_groups=None, query_groups=None, **options) -> dict:
         return type(self).fn(model, train, queries, train_groups=train_groups, query_groups=query_groups, **options)
@@ -151,15 +177,7 @@ class GradientMethod(AttributionMethod):
         opts.setdefault("pad_token_id", tokenizer.pad_token_id)
         return opts
 
-    def config_options(self, options: dict) -> dict:
-        """``options`` as AttributionConfig fields (a baseline's go to ``attribution.baseline``)."""
-        return {"baseline": dict(options)}
-
     # -- the run shell's hooks ------------------------------------------------------------------------
-    def check(self, config, module, trainer_kwargs: dict) -> dict:
-        # a typo or another method's option fails here, before any data or model is loaded, naming the field
-        return check_options(self.name, config.baseline, where="attribution.baseline", runner=True)
-
     def configure_model(self, module) -> None:
         spec = module.model_spec
         if getattr(spec, "attn_implementation", None) is None and module.net is None:
@@ -176,19 +194,25 @@ class GradientMethod(AttributionMethod):
         ctx.memory.set_model(net)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ctx.info["device"] = device
+        ctx.device = device
 
     def score_targets(self, ctx: RunContext) -> None:
         module, datamodule, config = ctx.module, ctx.datamodule, ctx.config
         train, queries = datamodule.train_corpus, datamodule.query_corpus
-        opts = self.scoring_options(ctx.info["options"], module.tokenizer, train.records, datamodule.max_length, config.seed)
+        opts = self.scoring_options(ctx.options, module.tokenizer, train.records, datamodule.max_length, config.seed)
+        bar = _TrainingPasses(self.display, self.passes(opts), enabled=ctx.trainer_kwargs.get("enable_progress_bar", True))
+        if self.streams_training:
+            opts["progress"] = bar
         t0 = time.perf_counter()
-        with eager_attention(module.net):
-            out = self.compute(
-                module.net, train.examples, queries.examples,
-                train_groups=[r["group"] for r in train.records] if config.target_unit == "example" else None,
-                query_groups=[r["group"] for r in queries.records], **opts,
-            )
+        try:
+            with eager_attention(module.net):
+                out = self.compute(
+                    module.net, train.examples, queries.examples,
+                    train_groups=[r["group"] for r in train.records] if config.target_unit == "example" else None,
+                    query_groups=[r["group"] for r in queries.records], **opts,
+                )
+        finally:
+            bar.close()
         ctx.timings["baseline_s"] = time.perf_counter() - t0
         if config.target_unit == "group":
             matrix = out["group_scores"]  # [query subsets, training examples]
@@ -201,10 +225,10 @@ class GradientMethod(AttributionMethod):
         bad = ~torch.isfinite(ctx.writer.matrix)
         for position in torch.nonzero(bad.any(dim=1)).flatten().tolist():
             ctx.writer.note_failed(ctx.plan.targets[position].id, {"reason": "non-finite baseline scores", "step": None})
-        device = ctx.info["device"]
+        device = ctx.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         ctx.memory.record_peak("baseline", peak, device.type, None if device.type == "cuda" else "process peak RSS (getrusage)")
-        ctx.info["out"] = out
+        ctx.output = out
         if config.target_unit == "example" and out.get("group_scores") is not None:
             rows = [str(g) for g in out["query_groups"]]
             cols = [str(g) for g in out["train_groups"]]
@@ -212,14 +236,14 @@ class GradientMethod(AttributionMethod):
                                     {"note": "the baseline's own group rule (docs/baselines.md)", "method": self.name})
 
     def metadata(self, ctx: RunContext) -> tuple[dict, dict]:
-        info = json_safe(ctx.info["out"].get("info", {}))
-        return ({"baseline": json_safe(dict(ctx.info["options"])),
+        info = json_safe(ctx.output.get("info", {}))
+        return ({"baseline": json_safe(dict(ctx.options)),
                  "baseline_info": {k: v for k, v in info.items() if k not in ("seconds", "param_names")}}, {})
 
     def summary(self, ctx: RunContext) -> dict:
         failed = ctx.writer.failed
         return {"num_failed": len(failed), "num_succeeded": len(ctx.plan.targets) - len(failed),
-                "param_names": json_safe(ctx.info["out"].get("info", {})).get("param_names")}
+                "param_names": json_safe(ctx.output.get("info", {})).get("param_names")}
 
     def extra_outputs(self, ctx: RunContext) -> None:
         if ctx.native is not None:
@@ -281,6 +305,14 @@ class TracIn(GradientMethod):
 
     def reproduction_options(self, options: dict, ctx) -> dict:
         return {**options, "checkpoints": options.get("checkpoints") or list(ctx.checkpoints)}
+
+    def check(self, config, module, trainer_kwargs: dict) -> None:
+        # the checkpoints exist and carry their lr, before any output folder is staged
+        if not _checkpoints((config.baseline or {}).get("checkpoints")):
+            raise ValueError("method tracin needs attribution.baseline.checkpoints: [{path: <weights .safetensors>, lr: <float>}, ...]")
+
+    def passes(self, options: dict) -> int:
+        return len(options.get("checkpoints") or []) or 1
 
     def scoring_options(self, options, tokenizer, train_records, max_length, seed) -> dict:
         opts = super().scoring_options(options, tokenizer, train_records, max_length, seed)

@@ -43,6 +43,8 @@ from untrac_pl.quantization import check_scale_options
 from untrac_pl.resume import resume_targets
 from untrac_pl.runtime import json_safe
 from untrac_pl.unlearning import Target
+from untrac_pl.vocabulary import current as vocabulary
+from untrac_pl.vocabulary import warn
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,6 @@ class UnlearningMethod(AttributionMethod):
     resumable = True
     Options = UnlearningOptions
 
-    @property
-    def description(self) -> str:
-        return self.name
-
     def validate_options(self, options: dict, field_name) -> None:
         value = options.get("targets_per_pass", 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -97,23 +95,23 @@ class UnlearningMethod(AttributionMethod):
         return dict(options)
 
     # -- set-up --------------------------------------------------------------------------------------
-    def check(self, config, module, trainer_kwargs: dict) -> dict:
+    def check(self, config, module, trainer_kwargs: dict) -> None:
         ignored = sorted(k for k, v in (config.baseline or {}).items() if v is not None)
         if ignored:
             raise MethodOptionError(f"attribution.baseline.{ignored[0]}: baseline options do nothing for method {config.method}; "
                                     "remove attribution.baseline (or set attribution.method to a baseline such as graddot)")
         check_scale_options(module.model_spec, trainer_kwargs, config.targets_per_pass)
-        return {}
 
     def warn_about_schedule(self, plan: AttributionPlan, schedule) -> None:
         """UnTrac's scores grow with the number of ascent steps (the ascent is unbounded), so groups
         unlearned for different step counts are ranked largely by step count (paper, Table 3).
         UnTrac-Inv with one step per target is, to first order, GradCos (Adam) or GradDot (SGD)."""
         if schedule.loss_reduction == "token_mean":
-            log.warning(
-                "model.unlearning.loss_reduction: token_mean gives every example of an evaluation batch the batch's token-mean "
-                "loss (the authors' convention), so per-example scores are shared within a batch and only group means are "
-                "meaningful; the authors evaluate in batches of 8 (data.eval_batch_size: 8)")
+            words = vocabulary()  # the caller's names: data.eval_batch_size (CLI), eval_batch_size (Python), ...
+            warn(log,
+                 f"{words.setting('unlearning.loss_reduction', 'token_mean')} gives every example of an evaluation batch the "
+                 "batch's token-mean loss (the authors' convention), so per-example scores are shared within a batch and only "
+                 f"group means are meaningful; the authors evaluate in batches of 8 ({words.setting('eval_batch_size', 8)})")
 
     # -- θ0 ------------------------------------------------------------------------------------------
     def theta0(self, ctx: RunContext) -> None:
@@ -125,7 +123,7 @@ class UnlearningMethod(AttributionMethod):
         ctx.precision, ctx.world_size = str(trainer.precision), trainer.world_size
         if trainer.world_size > 1:
             eval_loader = shard_loader(eval_loader, trainer.global_rank, trainer.world_size)
-        ctx.info["eval_loader"] = eval_loader
+        ctx.eval_loader = eval_loader
         t0 = time.perf_counter()
         computed = _assemble(trainer.predict(module, eval_loader, return_predictions=True), len(plan.eval_corpus))
         base, finished = resume_targets(ctx.state, computed, [t.id for t in plan.targets], len(plan.eval_corpus))
@@ -169,15 +167,18 @@ class UnlearningMethod(AttributionMethod):
         except NonFiniteLossError as exc:
             log.warning("%s; target marked failed, continuing", exc)
             ctx.writer.mark_failed(target.id, f"non-finite ascent loss ({exc.value})", exc.step)
-            ctx.info.setdefault("failed_steps", {})[target.id] = exc.step
+            ctx.failed_steps[target.id] = exc.step
             return None
+        finally:
+            if ctx.board is not None:  # logged once the target is persisted (_finish_targets)
+                ctx.board.hold_curve(target.id, module.ascent_curve)
         return trainer
 
     def _unlearn_and_score(self, ctx: RunContext, target: Target) -> dict[str, int]:
         trainer = self._fit(ctx, target)
         if trainer is None:
-            return {target.id: ctx.info["failed_steps"][target.id]}
-        trainer.predict(ctx.module, ctx.info["eval_loader"], return_predictions=False)
+            return {target.id: ctx.failed_steps[target.id]}
+        trainer.predict(ctx.module, ctx.eval_loader, return_predictions=False)
         return {target.id: trainer.global_step}
 
     def _unlearn_and_score_chunk(self, ctx: RunContext, chunk: list[Target]) -> dict[str, int]:
@@ -188,7 +189,7 @@ class UnlearningMethod(AttributionMethod):
         for position, target in enumerate(chunk):
             trainer = self._fit(ctx, target)
             if trainer is None:
-                steps[target.id] = ctx.info["failed_steps"][target.id]
+                steps[target.id] = ctx.failed_steps[target.id]
                 continue
             steps[target.id] = trainer.global_step
             last = position == len(chunk) - 1
@@ -199,7 +200,7 @@ class UnlearningMethod(AttributionMethod):
         module.set_target(kept[-1][0])
         module.set_pass([t for t, _ in kept], [p for _, p in kept])
         try:
-            ctx.new_trainer(ctx.logger).predict(module, ctx.info["eval_loader"], return_predictions=False)
+            ctx.new_trainer(ctx.logger).predict(module, ctx.eval_loader, return_predictions=False)
         finally:
             module.set_pass(None, None)
         return steps
@@ -218,6 +219,8 @@ class UnlearningMethod(AttributionMethod):
             ctx.target_info[target.id] = info
             if ctx.state is not None:
                 ctx.state.record(target.id, ctx.writer.row(target.id), info)
+            if ctx.board is not None:  # after the record: a killed run never logs a target its resume redoes
+                ctx.board.target_finished(target, ctx.steps, ctx.writer.row(target.id))
 
     # -- outputs -------------------------------------------------------------------------------------
     def metadata(self, ctx: RunContext) -> tuple[dict, dict]:
@@ -265,10 +268,11 @@ class UnTrac(UnlearningMethod):
             steps = {t.id: num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
             low, high = min(steps, key=steps.get), max(steps, key=steps.get)
             if steps[low] != steps[high]:
-                log.warning(
-                    "UnTrac: training groups get unequal ascent step counts (%s: %d ... %s: %d); their scores then "
-                    "mostly reflect step counts. Equalise with data.samples_per_group (every group at least that large) "
-                    "or a fixed model.unlearning.num_steps", low, steps[low], high, steps[high])
+                words = vocabulary()
+                warn(log,
+                     f"UnTrac: training groups get unequal ascent step counts ({low}: {steps[low]} ... {high}: {steps[high]}); "
+                     f"their scores then mostly reflect step counts. Equalise with {words.key('samples_per_group')} (every "
+                     f"group at least that large) or a fixed {words.key('unlearning.num_steps')}")
         return plan
 
 
@@ -289,8 +293,8 @@ class UnTracInv(UnlearningMethod):
         schedule = module.schedule
         steps = {num_optimizer_steps(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets}
         if steps == {1}:
-            log.warning(
-                "UnTrac-Inv with a single optimizer step per target is, to first order, GradCos (Adam) or "
-                "GradDot (SGD); the paper unlearns each target in one batch for 5 steps: "
-                "model.unlearning: {num_steps: 5, num_epochs: null, batch_size: null}")
+            paper = vocabulary().setting("unlearning", {"num_steps": 5, "num_epochs": None, "batch_size": None})
+            warn(log,
+                 "UnTrac-Inv with a single optimizer step per target is, to first order, GradCos (Adam) or "
+                 f"GradDot (SGD); the paper unlearns each target in one batch for 5 steps: {paper}")
         return plan
