@@ -163,6 +163,13 @@ def test_gradient_baseline_and_fit_have_a_bar(capsys, tiny_spec, quickstart):
     assert err and re.match(r"GradDot training gradients: (\d+)/\1 batches \(", err[-1]), err
     assert len(err) <= 4
 
+    # HIF: the Hessian work (eigenvalue estimate, then LiSSA) has its own bars, before the training gradients
+    _tiny_run(tiny_spec, quickstart, method="hif_lissa", baseline={"iterations": 3, "damping_iterations": 4})
+    err = capsys.readouterr().err.splitlines()
+    stages = [re.match(r"HIF \(LiSSA\) (\w+(?: \w+)?): (\d+)/(\d+) ", line) for line in err]
+    finished = [(m.group(1), m.group(2)) for m in stages if m and m.group(2) == m.group(3)]
+    assert finished == [("eigenvalues", "4"), ("LiSSA", "3"), ("training gradients", finished[-1][1])], err
+
     from untrac_pl.data.tokenize import tokenize_records
     from untrac_pl.lm import CausalLMModule
     from untrac_pl.training import FitSpec, fit_lm

@@ -116,7 +116,7 @@ def test_each_baselines_options_are_exactly_its_scoring_functions_keywords():
 
     from untrac_pl.baselines.scores import _Setup
 
-    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups", "progress"}  # progress: the run's bar, no option
+    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups", "progress", "hessian_progress"}  # progress: the run's bar, no option
 
     def keywords(fn):
         params = inspect.signature(fn).parameters.values()

@@ -25,7 +25,11 @@ from untrac_pl.callbacks.restore import RestoreWeights
 from untrac_pl.config import AttributionConfig
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.distributed import global_rank, may_be_distributed
-from untrac_pl.errors import OutputWriteError
+from untrac_pl.errors import (
+    NonFiniteBaseLossError,
+    OutputWriteError,
+    ResumeConflictError,
+)
 from untrac_pl.io import StagedDirectory, write_json_atomic, write_text_atomic
 from untrac_pl.methods import (
     AttributionMethod,
@@ -201,8 +205,11 @@ class AttributionRunner:
         if isinstance(exc, OutputWriteError):
             raise OutputWriteError(f"{exc}; {kept}: free space and re-run the same command to resume") from exc
         what = "interrupted" if interrupted(exc) else f"stopped by {type(exc).__name__}"
-        log.warning("%s; %d of %d targets finished and kept in '%s': re-run the same command to resume",
-                    what, ctx.state.num_finished(), len(ctx.plan.targets), staged.partial)
+        # a re-run meets these again until their cause is fixed (a changed model behind the config, NaN weights)
+        advice = ("fix the cause first: re-running the same command meets it again"
+                  if isinstance(exc, (ResumeConflictError, NonFiniteBaseLossError)) else "re-run the same command to resume")
+        log.warning("%s; %d of %d targets finished and kept in '%s': %s",
+                    what, ctx.state.num_finished(), len(ctx.plan.targets), staged.partial, advice)
 
     def _metadata(self, ctx: RunContext) -> dict:
         """The score file's metadata: only what determines the scores, so it is byte-identical for

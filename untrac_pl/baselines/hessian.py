@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -127,7 +127,8 @@ class Eigenpairs:
 
 @grad_enabled_scope
 def arnoldi(op, dim: int, n_iters: int, top_k: Optional[int] = None, *, seed: int = 0,
-            tol: float = 1e-7, select: str = "magnitude", device=None, store_device=None) -> Eigenpairs:
+            tol: float = 1e-7, select: str = "magnitude", device=None, store_device=None,
+            progress: Optional[Callable[[int, int], None]] = None) -> Eigenpairs:
     """Top-``top_k`` eigenpairs of ``op`` from an ``n_iters``-step Arnoldi iteration.
 
     ``select="magnitude"`` (default, Schioppa et al.) keeps the ``top_k`` largest ``|lambda|``, so strongly
@@ -139,6 +140,7 @@ def arnoldi(op, dim: int, n_iters: int, top_k: Optional[int] = None, *, seed: in
     small matrix and lift the eigenvectors back to parameter space. Classical Gram-Schmidt is applied
     twice per step (numerically a full re-orthogonalisation). Memory: ``(n_iters + 1) * P`` floats on
     ``store_device`` (default: the op's device). Stops early when the Krylov space is exhausted.
+    ``progress(done, total)`` is called after each Hessian-vector product.
     """
     n_iters = int(min(n_iters, dim))
     device = device if device is not None else getattr(getattr(op, "gc", None), "device", "cpu")
@@ -158,6 +160,8 @@ def arnoldi(op, dim: int, n_iters: int, top_k: Optional[int] = None, *, seed: in
         beta = float(w.norm())
         Hm[k + 1, k] = beta
         k_done = k + 1
+        if progress is not None:
+            progress(k_done, n_iters)
         if beta < tol:
             break
         Q[k + 1] = w / beta
@@ -175,9 +179,10 @@ def arnoldi(op, dim: int, n_iters: int, top_k: Optional[int] = None, *, seed: in
                       ritz_max=float(evals.max()), iterations=k_done)
 
 
-def extreme_eigenvalues(op, dim: int, iterations: int = 20, *, seed: int = 0) -> Tuple[float, float]:
+def extreme_eigenvalues(op, dim: int, iterations: int = 20, *, seed: int = 0,
+                        progress: Optional[Callable[[int, int], None]] = None) -> Tuple[float, float]:
     """``(lambda_min, lambda_max)`` estimates: extreme Ritz values of a short Lanczos run."""
-    eig = arnoldi(op, dim, iterations, top_k=0, seed=seed)
+    eig = arnoldi(op, dim, iterations, top_k=0, seed=seed, progress=progress)
     return eig.ritz_min, eig.ritz_max
 
 
@@ -191,7 +196,7 @@ def auto_damping(lambda_min: float, lambda_max: float, *, floor: float = 1e-3, m
 # --------------------------------------------------------------------------------------------------
 @grad_enabled_scope
 def lissa(op: HessianOperator, V: torch.Tensor, *, damping: float, scale: float, iterations: int = 10,
-          stochastic: bool = True, chunk: int = 64) -> torch.Tensor:
+          stochastic: bool = True, chunk: int = 64, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """``(H + damping I)^{-1} V`` by the LiSSA recursion (Agarwal et al. 2017; Koh & Liang 2017).
 
     ``h_0 = v``, ``h_j = v + (I - (H_j + damping I) / scale) h_{j-1}``, result ``h_J / scale``: a
@@ -199,18 +204,22 @@ def lissa(op: HessianOperator, V: torch.Tensor, *, damping: float, scale: float,
     ``H + damping I`` is positive definite. ``H_j`` is the Hessian of Hessian batch ``j`` (cycled;
     ``stochastic=True``, the usual LiSSA) or of all Hessian data (``stochastic=False``). The same batch
     sequence is used for every vector, so the map ``V -> result`` is linear (group iHVPs = means of
-    example iHVPs). Rows of ``V`` are processed ``chunk`` at a time.
+    example iHVPs). Rows of ``V`` are processed ``chunk`` at a time. ``progress(done, total)`` is called
+    after each iteration (``total`` = iterations x chunks).
     """
     V = V.float()
     single = V.dim() == 1
     M = V[None] if single else V
     outs = []
+    total = int(iterations) * ((M.shape[0] + chunk - 1) // chunk)
     for start in range(0, M.shape[0], chunk):
         v = M[start:start + chunk].to(op.gc.device)
         h = v.clone()
         for j in range(int(iterations)):
             Hh = op.on_batch(j, h) if stochastic else op(h)
             h = v + h - (Hh + damping * h) / scale
+            if progress is not None:
+                progress((start // chunk) * int(iterations) + j + 1, total)
         outs.append(h / scale)
     out = torch.cat(outs)
     return out[0] if single else out

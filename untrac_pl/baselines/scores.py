@@ -73,7 +73,8 @@ class _Setup:
                  projection_dim: Optional[int] = None, projection_kind: str = "rademacher",
                  projection_seed: int = 0, batch_size: int = 8, pad_token_id: int = 0,
                  use_vmap: bool = True, vmap_chunk_size: Optional[int] = None,
-                 group_normalize: str = "group", progress: Optional[Callable[[int, Optional[int]], None]] = None):
+                 group_normalize: str = "group", progress: Optional[Callable[[int, Optional[int]], None]] = None,
+                 hessian_progress: Optional[Callable[[str, int, int], None]] = None):
         if group_normalize not in ("group", "example"):
             raise ValueError(f"group_normalize must be 'group' or 'example', got {group_normalize!r}")
         self.model = model
@@ -87,6 +88,7 @@ class _Setup:
         self.query_groups_raw = query_groups
         self.group_normalize = group_normalize
         self.progress = progress  # progress(batches done, batches per pass) after each training batch of a pass
+        self.hessian_progress = hessian_progress  # hessian_progress(stage, done, total) in the HIF Hessian work
         self.info = {"n_params": self.gc.space.numel, "param_names": list(self.gc.space.names),
                      "projection_dim": projection_dim,
                      "projection_kind": projection_kind if projection_dim else None,
@@ -268,9 +270,15 @@ def _hessian_op(st: _Setup, hessian_batches, hvp_mode: str) -> HessianOperator:
     return HessianOperator(st.gc, list(batches), mode=hvp_mode)
 
 
+def _stage(st, name: str):
+    """``st``'s Hessian progress hook for one stage (``None`` without a hook)."""
+    hook = st.hessian_progress
+    return None if hook is None else (lambda done, total: hook(name, done, total))
+
+
 def _damping(st, op, damping, damping_floor, damping_margin, damping_iterations, seed, lam=None):
     if lam is None:
-        lam = extreme_eigenvalues(op, st.gc.space.numel, damping_iterations, seed=seed)
+        lam = extreme_eigenvalues(op, st.gc.space.numel, damping_iterations, seed=seed, progress=_stage(st, "eigenvalues"))
     lam_min, lam_max = lam
     d = float(damping) if damping is not None else auto_damping(lam_min, lam_max, floor=damping_floor,
                                                                 margin=damping_margin)
@@ -317,7 +325,7 @@ def hif_lissa(model, train, queries, *, train_groups=None, query_groups=None, it
         G = st.query_grads()
         if query_ihvp == "group":
             G = st.query_group_rows(G)  # group means; linear, so iHVP(mean) = mean(iHVPs)
-        ihvp = lissa(op, G, damping=d, scale=s, iterations=iterations, stochastic=stochastic)
+        ihvp = lissa(op, G, damping=d, scale=s, iterations=iterations, stochastic=stochastic, progress=_stage(st, "LiSSA"))
         Qf = st.project(ihvp)
         if query_ihvp == "group":
             _, Sg = st.stream(Qf, Qf, st.project, normalize_train=False)
@@ -347,7 +355,7 @@ def hif_arnoldi(model, train, queries, *, train_groups=None, query_groups=None, 
     st = _Setup(model, train, queries, train_groups=train_groups, query_groups=query_groups, **opts)
     with eval_mode(model):
         op = _hessian_op(st, hessian_batches, hvp_mode)
-        eig = arnoldi(op, st.gc.space.numel, iterations, top_k, seed=seed, select=select)
+        eig = arnoldi(op, st.gc.space.numel, iterations, top_k, seed=seed, select=select, progress=_stage(st, "Arnoldi"))
         d, lam_min, lam_max = _damping(st, op, damping, damping_floor, damping_margin, 0, seed,
                                        lam=(eig.ritz_min, eig.ritz_max))
         keep = (eig.values + d) > 1e-12

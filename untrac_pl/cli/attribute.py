@@ -17,6 +17,7 @@ from untrac_pl.cli._report import attribution_report
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.methods import methods_help
+from untrac_pl.outputs import CONFIG
 from untrac_pl.unlearning import UnTracModule
 
 
@@ -37,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config: AttributionConfig = cli.config_init["attribution"]
     # the resolved config is written inside the run directory before it is renamed into place
     command = "untrac-pl attribute " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in summary.json
-    result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={"config.yaml": cli.config_text()}, command=command)
+    result = run_attribution(cli.model, cli.datamodule, config, cli.trainer_kwargs, extra_files={CONFIG: cli.config_text()}, command=command)
     if result.output_dir is not None:  # under DDP only rank 0 writes (and reports)
         print(attribution_report(result))  # the findings, the files, the TensorBoard command
     return 1 if result.failed else 0

@@ -16,11 +16,12 @@ Models are built with ``attn_implementation: eager`` (needed by ``vmap``) unless
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, field, make_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Optional, Sequence
 
 import torch
 
@@ -145,6 +146,27 @@ class _TrainingPasses:
             self.bar.close()
 
 
+class _HessianStages:
+    """HIF's Hessian work as progress bars, one per stage (eigenvalue estimate, LiSSA or Arnoldi iterations)."""
+
+    def __init__(self, display: str, enabled: bool = True):
+        self.display, self.enabled = display, bool(enabled)
+        self.stage: Optional[str] = None
+        self.bar: Optional[Progress] = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = Progress(f"{self.display} {stage}", total=total, unit="hvp", lines=4, enabled=self.enabled)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class GradientMethod(AttributionMethod):
     """A baseline scored in one pass at θ0: ``fn(model, train, queries, train_groups=, query_groups=, **options)``."""
 
@@ -152,11 +174,10 @@ class GradientMethod(AttributionMethod):
     sign = GRADIENT_SIGN
     fn: Callable = None
 
-    @property
-    def streams_training(self) -> bool:
-        """``fn`` streams the training gradients through ``_Setup`` (and takes its ``progress`` hook):
-        the built-in per-example-gradient methods; a method registered elsewhere gets no bar."""
-        return type(self).fn in (graddot, gradcos, tracin, hif_lissa, hif_arnoldi)
+    # fn streams the training gradients through baselines.scores._Setup and takes its progress hooks
+    # (``progress``; HIF also ``hessian_progress``): the built-in per-example-gradient methods set these
+    streams_training: ClassVar[bool] = False
+    iterates_hessian: ClassVar[bool] = False
 
     def passes(self, options: dict) -> int:
         """How many passes over the training batches ``fn`` makes (TracIn: one per checkpoint)."""
@@ -176,6 +197,22 @@ class GradientMethod(AttributionMethod):
             opts["hessian_batches"] = tokenize_records(records, tokenizer, max_length, "Hessian data").examples
         opts.setdefault("pad_token_id", tokenizer.pad_token_id)
         return opts
+
+    @contextlib.contextmanager
+    def _progress(self, options: dict, enabled: bool):
+        """``options`` with the progress hooks the scoring function takes; the bars close afterwards."""
+        bar = _TrainingPasses(self.display, self.passes(options), enabled=enabled)
+        hessian = _HessianStages(self.display, enabled=enabled)
+        options = dict(options)
+        if self.streams_training:
+            options["progress"] = bar
+        if self.iterates_hessian:
+            options["hessian_progress"] = hessian
+        try:
+            yield options
+        finally:
+            hessian.close()
+            bar.close()
 
     # -- the run shell's hooks ------------------------------------------------------------------------
     def configure_model(self, module) -> None:
@@ -200,19 +237,13 @@ class GradientMethod(AttributionMethod):
         module, datamodule, config = ctx.module, ctx.datamodule, ctx.config
         train, queries = datamodule.train_corpus, datamodule.query_corpus
         opts = self.scoring_options(ctx.options, module.tokenizer, train.records, datamodule.max_length, config.seed)
-        bar = _TrainingPasses(self.display, self.passes(opts), enabled=ctx.trainer_kwargs.get("enable_progress_bar", True))
-        if self.streams_training:
-            opts["progress"] = bar
         t0 = time.perf_counter()
-        try:
-            with eager_attention(module.net):
-                out = self.compute(
-                    module.net, train.examples, queries.examples,
-                    train_groups=[r["group"] for r in train.records] if config.target_unit == "example" else None,
-                    query_groups=[r["group"] for r in queries.records], **opts,
-                )
-        finally:
-            bar.close()
+        with self._progress(opts, ctx.trainer_kwargs.get("enable_progress_bar", True)) as opts, eager_attention(module.net):
+            out = self.compute(
+                module.net, train.examples, queries.examples,
+                train_groups=[r["group"] for r in train.records] if config.target_unit == "example" else None,
+                query_groups=[r["group"] for r in queries.records], **opts,
+            )
         ctx.timings["baseline_s"] = time.perf_counter() - t0
         if config.target_unit == "group":
             matrix = out["group_scores"]  # [query subsets, training examples]
@@ -264,7 +295,7 @@ class GradientMethod(AttributionMethod):
         train, train_corpus, query_corpus = datamodule.train_records, datamodule.train_corpus, datamodule.query_corpus
         options = self.reproduction_options(check_options(self.name, spec.options, where=f"methods[{spec.key}].options", runner=True), ctx)
         options = self.scoring_options(options, ctx.tokenizer, train, ctx.max_length, ctx.seed)
-        with eager_attention(ctx.net):
+        with self._progress(options, ctx.trainer_kwargs.get("enable_progress_bar", True)) as options, eager_attention(ctx.net):
             out = self.compute(ctx.net, train_corpus.examples, query_corpus.examples,
                                train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in query_corpus.records],
                                **options)
@@ -279,6 +310,7 @@ class GradDot(GradientMethod):
     """``g_q . g_t`` (an SGD step on ``t`` lowers the query loss by ``lr * g_q . g_t``)."""
 
     name, display = "graddot", "GradDot"
+    streams_training = True
     fn = graddot
     Options = _options_class("graddot", [])
 
@@ -288,6 +320,7 @@ class GradCos(GradientMethod):
     """``g_q . g_t / (|g_q| |g_t|)``."""
 
     name, display = "gradcos", "GradCos"
+    streams_training = True
     fn = gradcos
     Options = _options_class("gradcos", [])
 
@@ -297,6 +330,7 @@ class TracIn(GradientMethod):
     """``sum_c lr_c * g_q^c . g_t^c / |g_t^c|`` over training checkpoints ``c``."""
 
     name, display, aliases = "tracin", "TracIn", ("tracincp",)
+    streams_training = True
     fn = tracin
     Options = _options_class("tracin", [
         ("checkpoints", Optional[list], None, "training checkpoints [{path: .../model.safetensors, lr: <the lr that step used>}, ...]"),
@@ -327,6 +361,7 @@ class HifLissa(GradientMethod):
     """``g_q^T (H + λI)^{-1} g_t``, the inverse-Hessian product by LiSSA."""
 
     name, display, aliases = "hif_lissa", "HIF (LiSSA)", ("lissa",)
+    streams_training = iterates_hessian = True
     fn = hif_lissa
     Options = _options_class("hif_lissa", [
         ("iterations", int, 10, "LiSSA iterations"),
@@ -346,6 +381,7 @@ class HifArnoldi(GradientMethod):
     """HIF through the top Arnoldi eigenpairs of the Hessian."""
 
     name, display, aliases = "hif_arnoldi", "HIF (Arnoldi)", ("arnoldi", "hif")
+    streams_training = iterates_hessian = True
     fn = hif_arnoldi
     Options = _options_class("hif_arnoldi", [
         ("iterations", int, 200, "Arnoldi iterations (paper: 200)"),
