@@ -23,14 +23,7 @@ import contextlib
 
 import lightning.pytorch as pl
 import torch
-from _common import (
-    documents,
-    engine_trainer_kwargs,
-    environment,
-    gpt2_config,
-    setup,
-    write_result,
-)
+from _common import documents, engine_trainer_kwargs, environment, gpt2_config, setup, write_result
 from memtrack import TensorMemoryTracker
 
 

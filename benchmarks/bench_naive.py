@@ -23,17 +23,7 @@ import copy
 
 import lightning.pytorch as pl
 import torch
-from _common import (
-    Stopwatch,
-    documents,
-    engine_trainer_kwargs,
-    environment,
-    gpt2_config,
-    median,
-    setup,
-    sync,
-    write_result,
-)
+from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, sync, write_result
 
 
 def naive_scores(net, dm, schedule, optimizer_spec, targets, device: str) -> torch.Tensor:

@@ -19,18 +19,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from _common import (
-    Stopwatch,
-    autocast,
-    documents,
-    engine_trainer_kwargs,
-    environment,
-    gpt2_config,
-    median,
-    setup,
-    sync,
-    write_result,
-)
+from _common import Stopwatch, autocast, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, sync, write_result
 
 
 class PairedPassTimer(pl.Callback):

@@ -16,8 +16,9 @@ from typing import Any, Optional
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from untrac_pl.cli._plain import add_verbose_argument
 from untrac_pl.cli._suggest import with_suggestion
-from untrac_pl.console import VERBOSE_HELP, is_verbose
+from untrac_pl.console import is_verbose
 
 
 class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -41,12 +42,6 @@ def replace_source_lists(args: Optional[list[str]]) -> Optional[list[str]]:
             out.append(f"--{key}=null")
         out.append(arg)
     return out
-
-
-def add_verbose_argument(parser) -> None:
-    """``--verbose`` in a command's ``--help`` (``untrac_pl.cli.main`` takes it off the arguments first, so it
-    never reaches the config: the default is SUPPRESS)."""
-    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 class KwargsTrainerCLI(LightningCLI):

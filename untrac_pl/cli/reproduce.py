@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import shlex
 import sys
-from argparse import SUPPRESS, ArgumentError
+from argparse import ArgumentError
 from dataclasses import fields
 from typing import Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
+from untrac_pl.cli._plain import command_parser
 from untrac_pl.cli._suggest import with_suggestion
-from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.reproduce import ReproduceConfig, reproduce
 
 
 def parser() -> ArgumentParser:
     """``reproduce``'s parser: ``-c``, every ReproduceConfig field, ``--trainer``."""
-    parser = ArgumentParser(prog="untrac-pl reproduce", exit_on_error=False,
-                            description="Reproduce the paper's experiments end to end (training, leave-group-out ground truth, "
+    parser = command_parser("untrac-pl reproduce", "Reproduce the paper's experiments end to end (training, leave-group-out ground truth, "
                             "UnTrac / UnTrac-Inv, correlations, tables, figures)")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config")
-    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
     parser.add_class_arguments(ReproduceConfig, None, as_group=True)
     parser.add_argument("--trainer", type=dict, default={}, help="extra Trainer keyword arguments (accelerator, precision, ...)")
     return parser

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import shlex
 import sys
-from argparse import SUPPRESS
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
+from untrac_pl.cli._plain import command_parser
 from untrac_pl.cli._suggest import parse_args
-from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.scaling import (
     RESULTS_FILE,
     ScalingExperiment,
@@ -27,10 +26,7 @@ from untrac_pl.vocabulary import UNTRAC_SECTION, speaking
 
 def parser() -> ArgumentParser:
     """``scaling``'s parser: ``-c`` and every ScalingExperimentConfig field."""
-    parser = ArgumentParser(prog="untrac-pl scaling", exit_on_error=False,
-                            description="Scaling experiment: the same UnTrac-Inv attribution across a list of models")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
-    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
+    parser = command_parser("untrac-pl scaling", "Scaling experiment: the same UnTrac-Inv attribution across a list of models")
     parser.add_class_arguments(ScalingExperimentConfig, None, as_group=True)
     return parser
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import shlex
 import sys
-from argparse import SUPPRESS
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
+from untrac_pl.cli._plain import command_parser
 from untrac_pl.cli._suggest import parse_args
 from untrac_pl.compat import UnTracConfig
-from untrac_pl.console import VERBOSE_HELP
 from untrac_pl.experiments.toxicity import (
     RESULTS_FILE,
     ToxicityAttributionExperiment,
@@ -28,10 +27,7 @@ from untrac_pl.vocabulary import UNTRAC_SECTION, speaking
 
 def parser() -> ArgumentParser:
     """``toxicity``'s parser: ``-c``, ``untrac.*``, ``experiment.*``."""
-    parser = ArgumentParser(prog="untrac-pl toxicity", exit_on_error=False,
-                            description="Toxicity attribution: generate a completion per prompt, attribute it with UnTrac-Inv")
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config file")
-    parser.add_argument("--verbose", action="store_true", default=SUPPRESS, help=VERBOSE_HELP)
+    parser = command_parser("untrac-pl toxicity", "Toxicity attribution: generate a completion per prompt, attribute it with UnTrac-Inv")
     parser.add_class_arguments(UnTracConfig, "untrac")
     parser.add_class_arguments(ToxicityExperimentConfig, "experiment")
     return parser
