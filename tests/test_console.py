@@ -215,7 +215,8 @@ def test_ctrl_c_says_interrupted_and_how_to_resume_then_resumed_k_of_n(tmp_path,
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "interrupted; 2 of 6 targets finished and kept in" in caplog.text  # the engine's log line (stderr)
-    assert err.rstrip().endswith("untrac-pl attribute: interrupted; to resume, run the same command again:\n"
+    assert err.rstrip().endswith("untrac-pl attribute: interrupted; to go on, run the same command again (finished targets, "
+                                 "if any were kept, are reused):\n"
                                  f"  untrac-pl attribute -c {cfg} '--trainer.callbacks={ctrl_c}'"), err
     assert "SystemExit" not in err and "Detected KeyboardInterrupt" not in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
@@ -245,6 +246,16 @@ def test_help_lists_the_tools_options_before_the_trainers(capsys):
                                          "--model.unlearning.max_loss", "--data.train", "--trainer.accelerator")]
     assert order == sorted(order)
     assert "--verbose" in text and "hidden by default" in text
+    # the tool's own fields carry their docstring's Args: line, not only type and default (issue 13.5)
+    flat = " ".join(text.split())
+    for flag, words in (("--model.unlearning.max_loss", "stop a target's ascent early"),
+                        ("--model.model.name_or_path", "a Hub id or a ``save_pretrained`` directory"),
+                        ("--model.optimizer.lr", "learning rate"),
+                        ("--model.unlearning.loss_reduction", "ascent and scoring alike"),
+                        ("--attribution.target_unit", "scores each query on its own")):
+        block = flat.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert words in block, (flag, block)
+    assert "Optimizer of the gradient ascent (paper: Adam, constant lr 5e-5):" in text  # the group title: a whole sentence
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     text = capsys.readouterr().out

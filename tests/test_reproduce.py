@@ -217,3 +217,34 @@ def test_specs_stored_by_the_previous_version_still_resume():
     assert _comparable_spec({**inv, "target_unit": "example"}) != _comparable_spec(inv)
     assert _comparable_shared({"corpora": {"source": "embedded", "embedded_docs_per_corpus": 400}}) == \
         {"corpora": {"source": "generated", "generated_docs_per_corpus": 400}}
+
+
+def test_reproduce_ends_with_a_pearson_table_the_files_and_tensorboard(planted_run, tmp_path, capsys):
+    """`untrac-pl reproduce` (here: evaluate_only on the planted run's scores) prints mean Pearson per method and setting, then where things are."""
+    import re
+    import shutil
+
+    from untrac_pl.cli import main
+
+    tmp, _, _ = planted_run
+    out = tmp_path / "repro"
+    shutil.copytree(tmp / "scores" / "toy", out / "scores" / "A")
+    (out / "tensorboard" / "A").mkdir(parents=True)
+    (out / "tensorboard" / "A" / "events.out.tfevents.0").write_bytes(b"")
+    assert main(["reproduce", "--evaluate_only", "true", "--settings", "[A]", "--output_dir", str(out),
+                 "--methods", json.dumps([{"name": m.name, "target_unit": m.target_unit} for m in METHODS])]) == 0
+    text = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())["settings"]["A"]["methods"]
+    assert text.startswith("untrac-pl reproduce: synthetic, settings A, 1 seed(s), 2 method(s)"), text
+    assert "mean Pearson with the leave-group-out ground truth" in text
+    assert re.search(r"^  method\s+A$", text, re.M), text
+    for key, name in (("untrac", "UnTrac"), ("untrac_inv", "UnTrac-Inv")):
+        mean = metrics[key]["test_sets"]["test"]["pearson"]["mean"]
+        assert re.search(rf"^  {re.escape(name)}\s+{'n/a' if mean is None else re.escape(f'{mean:+.3f}')}$", text, re.M), text
+    assert f"files in {out}/:" in text
+    for name in ("results.md", "metrics.json", "scores/"):
+        assert re.search(rf"^  {re.escape(name)}\s+\S", text, re.M), name
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures and f"{len(figures)} figure(s)" in text
+    assert f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}" in text
+    assert len(text.strip().splitlines()) <= 15, text

@@ -28,6 +28,12 @@ HParams
     method (:data:`HPARAMS_SCHEMA`); metrics ``metrics/mean_top1_margin``, ``metrics/top1_group_match``,
     ``metrics/failed_targets`` (Lightning's ``hp_metric`` −1 placeholder is off)
 
+Tags per group are capped at :data:`MAX_GROUP_TAGS` groups (1,000 one-query groups would be 1,000 cards;
+``group_scores.csv`` has them all). Not logged: UnTrac-Inv's group scores after every unlearning step,
+which would need a scoring pass over the whole training set after each step (5x the scoring cost in
+the paper's setting, and extra forward passes that would shift the seeded dropout streams of later
+steps); each target's group scores are logged once it is finished (``target/group_score/<g>``).
+
 Lightning finalizes a Trainer's logger after every ``fit``/``predict`` and ``TensorBoardLogger.finalize``
 closes the ``SummaryWriter`` (the next write then opens a new event file); the engine builds a Trainer
 per fit and predict, so :class:`RunLogger` only flushes there and the run closes it once. Each
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 
 CUSTOM_SCALARS_TAG = "custom_scalars__config__"
 MAX_TEXT_QUERIES = 50  # queries whose top-k table goes to the Text tab (all of them: rankings.json)
+MAX_GROUP_TAGS = 50  # groups with their own tag (target/group_score/<g>, scores_by_group/<g>): no card per query
 MAX_QUERY_ROWS = 200  # rows of the query-text table
 
 
@@ -346,7 +353,8 @@ class RunBoard:
         if row is None or not bool(torch.isfinite(row).all()):
             return {}
         row = row.double()
-        return {f"target/group_score/{g}": float(row[index].mean()) for g, index in self._group_index.items()}
+        groups = list(self._group_index.items())[:MAX_GROUP_TAGS]
+        return {f"target/group_score/{g}": float(row[index].mean()) for g, index in groups}
 
     def all_targets(self, matrix: torch.Tensor) -> None:
         """Group scores of every target at once (the baselines score all targets in one pass)."""
@@ -365,7 +373,7 @@ class RunBoard:
             return
         columns = _members(table.col_groups)
         col_groups = list(columns)
-        row_sets = list(_members(table.row_groups).items())
+        row_sets = list(_members(table.row_groups).items())[:MAX_GROUP_TAGS]
         for step, cols in enumerate(columns.values()):  # step i = training group i: one band per group in Distributions
             block = table.scores[:, cols]
             for tag, values in [("scores/all", block)] + [(f"scores_by_group/{name}", block[rows]) for name, rows in row_sets]:

@@ -25,15 +25,27 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 @dataclass
 class ModelSpec:
-    """What model to attribute with.
+    """What model to attribute with: a Hub id or local directory, or a small random model built from a config.
 
-    Either ``name_or_path`` (a Hub id or a ``save_pretrained`` directory, loaded with
-    ``AutoModelForCausalLM``/``AutoTokenizer``) or ``config`` (keyword arguments of
-    ``AutoConfig.for_model``, e.g. ``{model_type: gpt2, n_layer: 2, n_embd: 64}``) for a randomly
-    initialised model seeded with ``init_seed``. ``tokenizer`` defaults to ``name_or_path``;
-    ``train_tokenizer_vocab`` trains a byte-level BPE tokenizer on the run's own texts instead
-    (offline demos and tests). ``quantization`` (``{bits: 4|8}``) loads the base through
-    bitsandbytes; unlearning then acts on LoRA adapters (see ``lora``).
+    Args:
+        name_or_path: a Hub id or a ``save_pretrained`` directory, loaded with
+            ``AutoModelForCausalLM``/``AutoTokenizer`` (set this or ``config``).
+        config: keyword arguments of ``AutoConfig.for_model`` (e.g. ``{model_type: gpt2, n_layer: 2,
+            n_embd: 64}``) for a randomly initialised model seeded with ``init_seed``.
+        tokenizer: tokenizer Hub id or directory (default: ``name_or_path``).
+        train_tokenizer_vocab: train a byte-level BPE tokenizer of this vocabulary size on the run's
+            own texts instead (offline demos and tests).
+        dtype: weight dtype (``auto``: the checkpoint's own).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_remote_code: allow a Hub model's own code to run (off by default, see docs/safety.md).
+        attn_implementation: passed to ``from_pretrained`` (``eager``, ``sdpa``, ...; the gradient
+            methods default to ``eager`` for ``vmap``).
+        init_seed: seed of a config-built model's weights and of LoRA's A matrices.
+        revision: Hub revision (branch, tag or commit) of model and tokenizer.
+        quantization: ``{bits: 4|8, ...}`` loads the base through bitsandbytes; unlearning then acts
+            on LoRA adapters (see ``lora`` and :mod:`untrac_pl.quantization`).
+        lora: LoRA adapter options (``r``, ``alpha``, ``dropout``, ``target_modules``; needs peft).
+        extra_kwargs: further keyword arguments of ``from_pretrained``.
     """
 
     name_or_path: Optional[str] = None

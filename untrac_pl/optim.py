@@ -13,8 +13,20 @@ LrSchedule = Literal["constant", "linear"]
 
 @dataclass
 class OptimizerSpec:
-    """Optimizer for the ascent (paper: constant lr; an lr schedule and clipping are
-    ``unlearning.lr_schedule`` / ``unlearning.max_grad_norm``, see :class:`~untrac_pl.data.schedule.UnlearningSchedule`)."""
+    """Optimizer of the gradient ascent (paper: Adam, constant lr 5e-5).
+
+    An lr schedule and gradient clipping are ``unlearning.lr_schedule`` and
+    ``unlearning.max_grad_norm`` (see :class:`~untrac_pl.data.schedule.UnlearningSchedule`).
+
+    Args:
+        name: the optimizer (``adam8bit``/``adamw8bit`` need bitsandbytes).
+        lr: learning rate (> 0; paper: 5e-5).
+        betas: Adam/AdamW betas, each in [0, 1).
+        eps: Adam/AdamW/RMSprop epsilon.
+        weight_decay: weight decay (>= 0).
+        momentum: momentum of ``sgd_momentum``.
+        alpha: smoothing constant of ``rmsprop``.
+    """
 
     name: OptimizerName = "adam"
     lr: float = 5e-5

@@ -97,6 +97,7 @@ CLI = Vocabulary("cli", {
     "model.train_tokenizer_vocab": "model.model.train_tokenizer_vocab",
     "overwrite": "attribution.overwrite",
     "output_dir": "attribution.output_dir",
+    "options.checkpoints": "attribution.baseline.checkpoints",
 })
 
 #: :func:`untrac_pl.attribute`: the engine's names are its keyword arguments (``unlearning.num_steps``:

@@ -68,8 +68,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = parsed.command
     rest, verbose = _without_verbose(argv[argv.index(command) + 1:])  # verbatim (argparse would drop a '--')
     verbose = verbose or parsed.verbose
-    if stderr_is_terminal() and not {"-h", "--help", "--print_config"} & {a.split("=", 1)[0] for a in rest}:
-        # a first line at once: importing torch, Lightning and transformers takes seconds
+    if stderr_is_terminal():
+        # a first line at once (for --help and --print_config too: stderr, stdout stays clean): importing
+        # torch, Lightning and transformers takes seconds
         print(f"untrac-pl {command}: loading ...", file=sys.stderr, flush=True)
     try:
         # Lightning's banners and tips off unless --verbose; errors name attribute's / fit's flags (--model.model.config)
@@ -88,7 +89,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
             raise  # --help, --print_config; Lightning's sys.exit(1) after a Ctrl-C is an interrupt
-        what = {"attribute": "to resume, run the same command again", "reproduce": "to resume"}.get(command, "to run it again")
+        # attribute: UnTrac / UnTrac-Inv keep their finished targets (the line above says how many); a
+        # one-pass baseline keeps nothing, and the same command simply runs it again
+        what = {"attribute": "to go on, run the same command again (finished targets, if any were kept, are reused)",
+                "reproduce": "to resume"}.get(command, "to run it again")
         print(f"untrac-pl {command}: interrupted; {what}:\n  {resume_command(command, argv)}", file=sys.stderr)
         return 130
 

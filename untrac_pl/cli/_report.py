@@ -4,6 +4,9 @@
 training groups of each query group (a small table), the top training examples of the first few
 queries (with their texts, from ``rankings.json``), the files written and the TensorBoard command.
 ``fit``: the files and the TensorBoard command (:func:`files_block`, :func:`tensorboard_line`).
+``reproduce``: each method's mean Pearson per setting and test set, the files and the TensorBoard command
+(:func:`reproduce_report`). ``toxicity``: the top influences and the top group of the first test cases and
+the file written (:func:`toxicity_report`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Optional
 
 from untrac_pl import outputs
 
-__all__ = ["attribution_report", "files_block", "tensorboard_line"]
+__all__ = ["attribution_report", "files_block", "reproduce_report", "tensorboard_line", "toxicity_report"]
 
 #: run files -> what they hold (the order of the listing)
 DESCRIPTIONS = {
@@ -90,7 +93,9 @@ def files_block(output_dir: Path, descriptions: dict) -> list[str]:
 
 
 def _group_block(table) -> list[str]:
-    group = table.group_level()
+    from untrac_pl.callbacks.rankings import aligned_groups  # group_scores.md's and the heat map's row order
+
+    group = aligned_groups(table.group_level())
     if not group.row_ids or not group.col_ids:
         return []
     top = group.top_k(TOP_GROUPS)
@@ -152,4 +157,87 @@ def attribution_report(result, command: str = "attribute") -> str:
     board = tensorboard_line(out)
     if board:
         lines += ["", board]
+    return "\n".join(lines)
+
+
+REPRODUCE_DESCRIPTIONS = {
+    "results.md": "the tables (Pearson / Spearman, standardised influence) and figures",
+    "metrics.json": "every metric per setting, method and seed",
+    "ablation.json": "the optimizer x learning-rate ablation",
+    "scores": "the score files, <setting>/seed<k>/<method>.safetensors (untrac_pl.ScoreTable.load)",
+}
+
+
+def _pearson(value: Optional[dict]) -> str:
+    mean = (value or {}).get("mean")
+    return "n/a" if mean is None else f"{mean:+.3f}"
+
+
+def reproduce_report(written: dict, log_dir: Optional[str] = None, command: str = "reproduce") -> str:
+    """The end of ``untrac-pl reproduce``: mean Pearson per method x setting / test set, the files, TensorBoard."""
+    from untrac_pl.evaluation.report import display
+
+    out = Path(written["metrics"]).parent
+    metrics = _read_json(Path(written["metrics"])) or {}
+    settings, sweep = metrics.get("settings") or {}, metrics.get("sweep") or {}
+    configured = [m.get("label") or m.get("name") for m in (metrics.get("config") or {}).get("methods", [])]
+    present = list(dict.fromkeys(m for r in settings.values() for m in r.get("methods", {})))
+    names = [m for m in dict.fromkeys([*configured, *present]) if m in present and m not in sweep]
+    seeds = sorted({len(r.get("seeds", [])) for r in settings.values()})
+    head = f"untrac-pl {command}: {metrics.get('name') or out.name}, settings {', '.join(settings) or 'none'}"
+    head += f", {'/'.join(map(str, seeds)) or 0} seed(s), {len(names)} method(s)"
+    if sweep:
+        head += f" (+{len(sweep)} ablation cells)"
+    if metrics.get("wall_seconds") is not None:
+        head += f", {metrics['wall_seconds']:.1f} s"
+    lines = [head]
+    columns = [(s, t) for s, r in settings.items()
+               for t in dict.fromkeys(t for m in names for t in r.get("methods", {}).get(m, {}).get("test_sets", {}))]
+    if names and columns:
+        lines += ["mean Pearson with the leave-group-out ground truth (over seeds; per setting and test set):"]
+        rows = [["method", *[s if t == "test" else f"{s}/{t}" for s, t in columns]]]
+        for m in names:
+            rows.append([display(m), *[_pearson(settings[s]["methods"].get(m, {}).get("test_sets", {}).get(t, {}).get("pearson"))
+                                       for s, t in columns]])
+        lines += _table(rows)
+    files = [[n + ("/" if (out / n).is_dir() else ""), d] for n, d in REPRODUCE_DESCRIPTIONS.items() if (out / n).exists()]
+    figures = list(written.get("figures") or [])
+    if figures:
+        shown = ", ".join(figures)
+        files.insert(2, [f"{len(figures)} figure(s)", shown if len(shown) <= 80 else ", ".join(figures[:2]) + ", ... (*.png)"])
+    if files:
+        lines += ["", f"files in {out}/:", *_table(files)]
+    board = tensorboard_line(Path(log_dir) if log_dir else out / outputs.TENSORBOARD)
+    if board:
+        lines += ["", board]
+    return "\n".join(lines)
+
+
+def toxicity_report(results: dict, path: Path, command: str = "toxicity") -> str:
+    """The end of ``untrac-pl toxicity``: the top influences and top group of the first test cases, the file."""
+    cases = results.get("test_cases", [])
+    failed = results.get("failed_targets") or {}
+    total = (results.get("timings") or {}).get("total_s", 0.0)
+    lines = [f"untrac-pl {command}: {results.get('method', 'untrac_inv')}, {len(cases)} test cases, {len(failed)} failed targets, {total:.1f} s"]
+    shown = cases[:FIRST_QUERIES]
+    if shown:
+        which = f"the first {len(shown)} of {len(cases)} test cases" if len(cases) > len(shown) else "the test cases"
+        lines += ["", f"top training examples of {which} (score: {results.get('sign') or 'see the JSON'}):"]
+    for case in shown:
+        toxicity = case.get("toxicity")
+        head = f"  case {case.get('test_case_id')}: {_snippet(case.get('prompt'), 30)} -> {_snippet(case.get('completion'), 30)}"
+        if toxicity is not None:
+            head += f" (toxicity {toxicity:.2f})"
+        groups = case.get("group_scores") or {}
+        if groups:
+            top_group = max(groups, key=groups.get)
+            head += f"; top group {top_group} {_score(groups[top_group])}"
+        lines.append(head)
+        if case.get("skipped"):
+            lines.append(f"    (skipped: {case['skipped']})")
+            continue
+        ranked = [[f"{item.get('rank', i)}.", _score(item["score"]), str(item.get("group", "")), _snippet(item.get("text"))]
+                  for i, item in enumerate(case.get("top_influences", [])[:TOP_EXAMPLES], start=1)]
+        lines += _table(ranked, indent="    ") if ranked else ["    (no finite scores)"]
+    lines += ["", f"wrote {path} (every test case: completion, toxicity, top-k influences, group scores)"]
     return "\n".join(lines)

@@ -49,5 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config, trainer_kwargs = parse(argv)
     command = "untrac-pl reproduce " + " ".join(shlex.quote(a) for a in argv)
     written = reproduce(config, command=command, trainer_kwargs=trainer_kwargs)
-    print(f"wrote {written['markdown']}, {written['metrics']} and {len(written['figures'])} figure(s)")
+    from untrac_pl.cli._report import reproduce_report
+
+    print(reproduce_report(written, log_dir=config.log_dir), flush=True)
     return 0

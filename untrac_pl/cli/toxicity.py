@@ -15,6 +15,7 @@ from typing import Optional
 from jsonargparse import ArgumentParser
 
 from untrac_pl.cli._plain import command_parser
+from untrac_pl.cli._report import toxicity_report
 from untrac_pl.cli._suggest import parse_args
 from untrac_pl.compat import UnTracConfig
 from untrac_pl.experiments.toxicity import (
@@ -43,5 +44,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     with speaking(UNTRAC_SECTION):  # warnings name untrac.* keys (not UnTracConfig's Python fields)
         results = experiment.run_experiment()
     path = Path(init.experiment.output_dir) / RESULTS_FILE
-    print(f"wrote {path} ({len(results['test_cases'])} test cases, {results['timings']['total_s']:.1f} s)")
+    print(toxicity_report(results, path), flush=True)
     return 1 if results["failed_targets"] else 0

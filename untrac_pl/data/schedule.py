@@ -16,25 +16,28 @@ from untrac_pl.optim import LrSchedule
 
 @dataclass
 class UnlearningSchedule:
-    """How long and with what batches to ascend.
+    """How long and with what batches to ascend (paper defaults: UnTrac batch 1, one epoch; UnTrac-Inv whole target, 5 steps).
 
-    ``num_steps`` optimizer steps, or ``num_epochs`` passes over the target (exactly one of them).
-    ``batch_size`` examples per optimizer step (``None``: the whole target in one batch, the
-    paper's UnTrac-Inv setting); ``micro_batch_size`` examples per forward pass, the rest made up by
-    gradient accumulation. Paper defaults: UnTrac batch 1, one epoch; UnTrac-Inv whole target, 5 steps.
-
-    ``loss_reduction`` (ascent and scoring alike): ``example_mean`` (default) — a step's loss is the
-    mean of its examples' mean token NLLs and every example is scored on its own loss, so scores do
-    not depend on batching; ``token_mean`` — the authors' code (Hugging Face Trainer): each
-    micro-batch's loss is its token mean, divided by the number of micro-batches of the step, and
-    losses are evaluated as the token mean of each evaluation batch (``data.eval_batch_size``, 8 in
-    the authors' code; batches within one group, in data order), repeated for its examples.
-
-    ``max_grad_norm``: clip each step's gradient to this global L2 norm (Lightning's
-    ``clip_gradients`` after AMP unscaling; ``None``/0: off, the paper's setting; the authors'
-    ``arguments.py`` default is 1.0, their scripts pass 0). ``lr_schedule``: ``constant`` (paper) or
-    ``linear`` (Hugging Face's default: ``warmup_steps`` of warm-up, then linear decay to 0 at the
-    target's last planned step). Both act per target, as each target is one training run there.
+    Args:
+        num_steps: optimizer steps per target (set exactly one of ``num_steps`` and ``num_epochs``).
+        num_epochs: passes over the target.
+        batch_size: examples per optimizer step (``null``: the whole target in one batch, the paper's
+            UnTrac-Inv setting).
+        micro_batch_size: examples per forward pass, the rest made up by gradient accumulation.
+        shuffle: shuffle the target's examples each epoch (seeded by the target's seed).
+        max_loss: stop a target's ascent early once a step's loss exceeds this (a per-example NLL, > 0).
+        loss_reduction: ascent and scoring alike. ``example_mean``: a step's loss is the mean of its
+            examples' mean token NLLs and every example is scored on its own loss (scores do not depend
+            on batching); ``token_mean``: the authors' code (HF Trainer), each micro-batch's loss is its
+            token mean divided by the step's number of micro-batches, and losses are the token mean of
+            each evaluation batch (``data.eval_batch_size``, 8 there; batches within one group, in data
+            order), repeated for its examples.
+        max_grad_norm: clip each step's gradient to this global L2 norm (Lightning's ``clip_gradients``
+            after AMP unscaling; ``null``/0: off, the paper's setting; the authors' ``arguments.py``
+            default is 1.0, their scripts pass 0). Acts per target.
+        lr_schedule: ``constant`` (paper) or ``linear`` (HF's default: ``warmup_steps`` of warm-up, then
+            linear decay to 0 at the target's last planned step); per target, each being one training run.
+        warmup_steps: warm-up steps of ``lr_schedule: linear`` (>= 0).
     """
 
     num_steps: Optional[int] = None

@@ -42,6 +42,7 @@ from untrac_pl.methods.registry import (
 from untrac_pl.outputs import BASELINE_GROUP_SCORES
 from untrac_pl.runtime import json_safe, peak_rss_bytes, resolve_device
 from untrac_pl.scores import ScoreTable
+from untrac_pl.vocabulary import option
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _checkpoints(value) -> list:
     for item in value or []:
         if isinstance(item, dict):
             if "path" not in item or "lr" not in item:
-                raise ValueError(f"attribution.baseline.checkpoints entries need 'path' and 'lr', got {item}")
+                raise ValueError(f"{option('options.checkpoints')} entries need 'path' and 'lr', got {item}")
             path, lr = item["path"], item["lr"]
         else:
             path, lr = item
@@ -343,7 +344,7 @@ class TracIn(GradientMethod):
     def check(self, config, module, trainer_kwargs: dict) -> None:
         # the checkpoints exist and carry their lr, before any output folder is staged
         if not _checkpoints((config.baseline or {}).get("checkpoints")):
-            raise ValueError("method tracin needs attribution.baseline.checkpoints: [{path: <weights .safetensors>, lr: <float>}, ...]")
+            raise ValueError(f"method tracin needs {option('options.checkpoints')}: [{{path: <weights .safetensors>, lr: <float>}}, ...]")
 
     def passes(self, options: dict) -> int:
         return len(options.get("checkpoints") or []) or 1
@@ -352,7 +353,7 @@ class TracIn(GradientMethod):
         opts = super().scoring_options(options, tokenizer, train_records, max_length, seed)
         opts["checkpoints"] = _checkpoints(opts.get("checkpoints"))
         if not opts["checkpoints"]:
-            raise ValueError("method tracin needs attribution.baseline.checkpoints: [{path: <weights .safetensors>, lr: <float>}, ...]")
+            raise ValueError(f"method tracin needs {option('options.checkpoints')}: [{{path: <weights .safetensors>, lr: <float>}}, ...]")
         return opts
 
 
