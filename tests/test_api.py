@@ -73,6 +73,8 @@ def test_bad_arguments_name_the_python_argument():
         untrac_pl.attribute(["a b c"], ["a"], optimizer={"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="method 'untrak' is unknown"):
         untrac_pl.attribute(["a b c"], ["a"], method="untrak")
+    with pytest.raises(ValueError, match="target_unit must be example or group, got 'groupp'"):
+        untrac_pl.attribute(["a b c"], ["a"], target_unit="groupp")  # a typo is refused, not written as row_unit: groupp
 
 
 def test_the_readme_python_api_block_runs_verbatim(tmp_path, monkeypatch, capsys):

@@ -301,3 +301,41 @@ def test_errors_name_command_line_flags_on_the_cli_and_arguments_in_python(tmp_p
 
     with pytest.raises(ModelLoadError, match=r"set either model\.name_or_path or model\.config, not both"):  # the library itself
         load_model_and_tokenizer(ModelSpec(name_or_path="x", config={"model_type": "gpt2"}, train_tokenizer_vocab=300), ["a b c"])
+
+
+def test_the_reports_group_table_has_group_scores_mds_row_order():
+    """The end-of-run group table lists the query groups in group_scores.md's (and the heat map's) aligned order."""
+    import torch
+
+    from untrac_pl.callbacks.rankings import RankingWriter
+    from untrac_pl.cli._report import _group_block
+    from untrac_pl.scores import ScoreTable
+
+    table = ScoreTable(torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.1, 0.2], [0.5, 0.0, 0.1]]), ["q0", "q1", "q2"], ["extra", "b", "a"],
+                       ["t0", "t1", "t2"], ["a", "b", "c"], "example", "example", "untrac_inv")
+    _, md = RankingWriter.group_tables(table)
+    md_rows = [line.split("|")[1].strip() for line in md.splitlines()[2:] if line.startswith("| ")]
+    block = _group_block(table)
+    assert block[1].split()[:2] == ["query", "group"]
+    report_rows = [line.split()[0] for line in block[2:]]
+    assert md_rows == report_rows == ["a", "b", "extra"]
+
+
+def test_help_and_print_config_say_loading_on_stderr_in_a_terminal():
+    """`attribute --help` in a terminal: the "loading ..." line at once on stderr, the help alone on stdout."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        run = subprocess.run([sys.executable, "-m", "untrac_pl.cli", "attribute", "--help"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=follower, cwd=REPO, env=ENV, timeout=120, text=True)
+        os.close(follower)
+        follower = None
+        err = os.read(leader, 2000).decode("utf-8", "replace")
+    finally:
+        if follower is not None:
+            os.close(follower)
+        os.close(leader)
+    assert run.returncode == 0
+    assert err.startswith("untrac-pl attribute: loading"), err
+    assert "loading" not in run.stdout and run.stdout.lstrip().startswith("usage:"), run.stdout[:200]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_a_completion_is_attributed_to_the_group_it_resembles(saved_model_dir, t
     assert [t["group"] for t in case["top_influences"][:3]] == [group] * 3
 
 
-def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path, caplog):
+def test_cli_twin_with_local_prompts_and_a_local_classifier(saved_model_dir, tmp_path, caplog, capsys):
     """`untrac-pl toxicity -c`: prompts from a JSONL file, toxicity from a local sequence-classification model."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
@@ -155,6 +156,17 @@ experiment:
     assert sorted(c["prompt"] for c in results["test_cases"]) == ["The fox", "You are such"]
     assert all(0.0 <= c["toxicity"] <= 1.0 for c in results["test_cases"])
     assert all(len(c["top_influences"]) == 3 for c in results["test_cases"])
+    # the end of the run: the top influences and top group of the first test cases, then the file written
+    text = capsys.readouterr().out
+    assert text.startswith("untrac-pl toxicity: untrac_inv, 2 test cases, 0 failed targets"), text
+    assert "top training examples of the test cases:\n  (score = " in text
+    for case in results["test_cases"]:
+        top_group = max(case["group_scores"], key=case["group_scores"].get)
+        assert f"  case {case['test_case_id']}: " in text and f"; top group {top_group} " in text
+        first = case["top_influences"][0]
+        score = re.escape(f"{first['score']:+.3g}")
+        assert re.search(rf'^    1\.\s+{score}\s+{re.escape(first["group"])}\s+"', text, re.M), text
+    assert f"wrote {tmp_path / 'out' / 'untrac_toxicity_results.json'} (" in text
 
 
 def test_configs_load_with_print_config(capsys):

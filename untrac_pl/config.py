@@ -53,4 +53,6 @@ class AttributionConfig:
                 raise ValueError(f"attribution.{name} must be an integer >= {low}, got {value!r}")
         if not str(self.output_dir).strip():
             raise ValueError("attribution.output_dir is empty")
+        if self.target_unit not in ("example", "group"):  # the Python API does not check the Literal
+            raise ValueError(f"attribution.target_unit must be example or group, got {self.target_unit!r}")
         self.method = canonical_name(self.method, what="attribution.method")  # aliases, hyphens: untrac-inv -> untrac_inv

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from untrac_pl import outputs
+from untrac_pl.callbacks.rankings import aligned_groups
+from untrac_pl.evaluation.report import display
 
 __all__ = ["attribution_report", "files_block", "reproduce_report", "tensorboard_line", "toxicity_report"]
 
@@ -93,9 +95,7 @@ def files_block(output_dir: Path, descriptions: dict) -> list[str]:
 
 
 def _group_block(table) -> list[str]:
-    from untrac_pl.callbacks.rankings import aligned_groups  # group_scores.md's and the heat map's row order
-
-    group = aligned_groups(table.group_level())
+    group = aligned_groups(table.group_level())  # group_scores.md's and the heat map's row order
     if not group.row_ids or not group.col_ids:
         return []
     top = group.top_k(TOP_GROUPS)
@@ -175,8 +175,6 @@ def _pearson(value: Optional[dict]) -> str:
 
 def reproduce_report(written: dict, log_dir: Optional[str] = None, command: str = "reproduce") -> str:
     """The end of ``untrac-pl reproduce``: mean Pearson per method x setting / test set, the files, TensorBoard."""
-    from untrac_pl.evaluation.report import display
-
     out = Path(written["metrics"]).parent
     metrics = _read_json(Path(written["metrics"])) or {}
     settings, sweep = metrics.get("settings") or {}, metrics.get("sweep") or {}
@@ -222,7 +220,7 @@ def toxicity_report(results: dict, path: Path, command: str = "toxicity") -> str
     shown = cases[:FIRST_QUERIES]
     if shown:
         which = f"the first {len(shown)} of {len(cases)} test cases" if len(cases) > len(shown) else "the test cases"
-        lines += ["", f"top training examples of {which} (score: {results.get('sign') or 'see the JSON'}):"]
+        lines += ["", f"top training examples of {which}:"] + ([f"  ({results['sign']})"] if results.get("sign") else [])
     for case in shown:
         toxicity = case.get("toxicity")
         head = f"  case {case.get('test_case_id')}: {_snippet(case.get('prompt'), 30)} -> {_snippet(case.get('completion'), 30)}"

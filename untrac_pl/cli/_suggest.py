@@ -3,10 +3,13 @@
 ``--attribution.methd untrac`` → ``unrecognized arguments: --attribution.methd untrac (did you mean
 --attribution.method?)``; in a config file, ``attribution: {methd: untrac}`` → ``Group 'attribution' does
 not accept option 'methd' (did you mean attribution.method?)``. The candidates are the parser's own
-option strings (every ``--section.key`` jsonargparse knows), matched with :mod:`difflib`.
+option strings (every ``--section.key`` jsonargparse knows), matched with :mod:`difflib`. A value outside a
+``Literal`` field's choices (``--model.optimizer.name adamm``) reads ``--model.optimizer.name: 'adamm' is not one
+of adam, adamw, ... (did you mean 'adam'?)`` instead of jsonargparse's ``Expected a typing.Literal[...]``.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 from argparse import ArgumentError
@@ -16,6 +19,7 @@ __all__ = ["known_keys", "nearest_key", "parse_args", "with_suggestion"]
 
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)$", re.S)
 _GROUP_OPTION = re.compile(r"Group '([^']+)' does not accept (?:nested )?(?:option|key) '([^']+)'")
+_LITERAL = re.compile(r'Parser key "([^"]+)":.*?Expected a typing\.Literal\[(.*?)\]\. Got value: ([^\n]*)', re.S)
 _SUFFIXES = (".help", "+")  # jsonargparse's helper options (--data.train.help, --data.train+)
 
 
@@ -43,9 +47,29 @@ def nearest_key(key: str, keys: Iterable[str]) -> Optional[str]:
     return match[0] if match else None
 
 
+def literal_message(message: str) -> Optional[str]:
+    """jsonargparse's error for a value outside a ``Literal`` field's choices, in one line that names the flag,
+    the value, the choices and the nearest one; ``None`` for any other message."""
+    match = _LITERAL.search(message)
+    if not match:
+        return None
+    key, choices, value = match.group(1), match.group(2), match.group(3).strip()
+    try:
+        choices = [str(c) for c in ast.literal_eval(f"[{choices}]")]
+    except (ValueError, SyntaxError):
+        return None
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"--{key}: '{value}' is not one of {', '.join(choices)}{hint}"
+
+
 def with_suggestion(exc: ArgumentError, parser) -> ArgumentError:
-    """``exc`` with ``(did you mean ...?)`` appended when it names an unknown key that has a near valid one."""
+    """``exc`` with ``(did you mean ...?)`` appended when it names an unknown key that has a near valid one,
+    or a value outside a ``Literal`` field's choices that is near one of them."""
     message = str(exc)
+    literal = literal_message(message)
+    if literal is not None:
+        return ArgumentError(None, literal)
     keys = known_keys(parser)
     hints = []
     unknown = _UNRECOGNIZED.search(message)

@@ -15,6 +15,7 @@ from typing import Optional
 from jsonargparse import ArgumentParser
 
 from untrac_pl.cli._plain import command_parser
+from untrac_pl.cli._report import reproduce_report
 from untrac_pl.cli._suggest import with_suggestion
 from untrac_pl.experiments.reproduce import ReproduceConfig, reproduce
 
@@ -49,7 +50,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     config, trainer_kwargs = parse(argv)
     command = "untrac-pl reproduce " + " ".join(shlex.quote(a) for a in argv)
     written = reproduce(config, command=command, trainer_kwargs=trainer_kwargs)
-    from untrac_pl.cli._report import reproduce_report
-
     print(reproduce_report(written, log_dir=config.log_dir), flush=True)
     return 0
