@@ -166,7 +166,7 @@ class AttributionRunner:
             with quiet_lightning():
                 method.theta0(ctx)
                 if method.kind == "unlearning":  # one bar over the targets, counting those a resumed run has
-                    self.progress.begin_targets(len(plan.targets), len(ctx.finished))
+                    self.progress.begin_targets(len(plan.targets), len(ctx.resumed))
                 method.score_targets(ctx)
             result = self._write(ctx, started, write, extra_files or {}, command)
         except BaseException as exc:

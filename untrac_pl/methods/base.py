@@ -98,9 +98,8 @@ class RunContext:
     precision: str = "32-true"
     world_size: int = 1
     max_length_requested: int = 0
-    finished: dict = field(default_factory=dict)  # target id -> info of the targets already done (resume)
-    target_info: dict = field(default_factory=dict)  # target id -> status, steps, ...
-    steps: dict = field(default_factory=dict)  # target id -> optimizer steps taken
+    resumed: set = field(default_factory=set)  # ids of the targets an interrupted run finished
+    target_info: dict = field(default_factory=dict)  # target id -> status, optimizer_steps, ... (resumed ones too)
     timings: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # the method's checked options (attribution.baseline)
     eval_loader: Any = None  # the scored corpus in evaluation batches (unlearning methods)
@@ -108,6 +107,11 @@ class RunContext:
     device: Any = None  # where a one-pass method computes
     output: dict = field(default_factory=dict)  # a one-pass method's raw result (scores, groups, info)
     native: Any = None  # a method's own group-level table, written next to the scores (gradient methods)
+
+    @property
+    def steps(self) -> dict:
+        """Target id -> optimizer steps taken, of every target finished so far (resumed ones included)."""
+        return {target_id: info["optimizer_steps"] for target_id, info in self.target_info.items()}
 
 
 class AttributionMethod:
@@ -171,7 +175,7 @@ class AttributionMethod:
         """Work at θ0 before the targets (UnTrac: the evaluation set's losses)."""
 
     def score_targets(self, ctx: RunContext) -> None:
-        """Fill ``ctx.writer``'s matrix (and ``ctx.steps``)."""
+        """Fill ``ctx.writer``'s matrix (and ``ctx.target_info``)."""
         raise NotImplementedError
 
     def metadata(self, ctx: RunContext) -> tuple[dict, dict]:

@@ -132,22 +132,20 @@ class UnlearningMethod(AttributionMethod):
                 ctx.writer.set_row(target_id, row)
             if info.get("failed"):
                 ctx.writer.note_failed(target_id, info["failed"])
-            ctx.finished[target_id] = info
+            ctx.resumed.add(target_id)
             ctx.target_info[target_id] = info
-            ctx.steps[target_id] = info["optimizer_steps"]
         module.connect(base_losses=base, keep_on_device=True)
         ctx.timings["base_losses_s"] = time.perf_counter() - t0
 
     # -- targets -------------------------------------------------------------------------------------
     def score_targets(self, ctx: RunContext) -> None:
         t1 = time.perf_counter()
-        todo = [t for t in ctx.plan.targets if t.id not in ctx.finished]
+        todo = [t for t in ctx.plan.targets if t.id not in ctx.resumed]
         per_pass = max(1, int(ctx.config.targets_per_pass))
         try:
             for start in range(0, len(todo), per_pass):
                 chunk = todo[start : start + per_pass]
                 steps = self._unlearn_and_score(ctx, chunk[0]) if per_pass == 1 else self._unlearn_and_score_chunk(ctx, chunk)
-                ctx.steps.update(steps)
                 self._finish_targets(ctx, chunk, steps)
         finally:
             ctx.restore.restore(ctx.module)
@@ -237,7 +235,7 @@ class UnlearningMethod(AttributionMethod):
             "num_failed": len(failed),
             "num_succeeded": len(plan.targets) - len(failed),
             "stopped_early": [t.id for t in plan.targets if infos.get(t.id, {}).get("stopped_early")],
-            "resumed_targets": len(ctx.finished),
+            "resumed_targets": len(ctx.resumed),
             "max_length_requested": ctx.max_length_requested,
             "world_size": ctx.world_size,
             "targets_per_pass": ctx.config.targets_per_pass,
