@@ -48,9 +48,10 @@ def _sources(data) -> Optional[list[DataSource]]:
     return None
 
 
-def _spec(value, cls, what: str):
+def _spec(value, cls, what: str, default):
+    """``value`` as a ``cls`` (an instance, or a dict of its fields); ``default()`` when ``None``."""
     if value is None:
-        return cls() if cls is not UnlearningSchedule else None
+        return default()
     if isinstance(value, cls):
         return value
     if isinstance(value, dict):
@@ -110,11 +111,10 @@ def attribute(
         net, model = model, ModelSpec(name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
     if net is not None and tokenizer is None:
         raise ValueError("model: a loaded model needs its tokenizer (tokenizer=...)")
-    spec = ModelSpec(name_or_path=model) if isinstance(model, str) else _spec(model, ModelSpec, "model")
-    schedule = _spec(unlearning, UnlearningSchedule, "unlearning")
-    if schedule is None:  # the paper's settings: UnTrac one epoch at batch 1, UnTrac-Inv 5 whole-target steps
-        schedule = method_def.default_schedule()
-    module = UnTracModule(model=spec, optimizer=_spec(optimizer, OptimizerSpec, "optimizer"), unlearning=schedule)
+    spec = ModelSpec(name_or_path=model) if isinstance(model, str) else _spec(model, ModelSpec, "model", ModelSpec)
+    # None: the paper's settings (UnTrac one epoch at batch 1, UnTrac-Inv 5 whole-target steps)
+    schedule = _spec(unlearning, UnlearningSchedule, "unlearning", method_def.default_schedule)
+    module = UnTracModule(model=spec, optimizer=_spec(optimizer, OptimizerSpec, "optimizer", OptimizerSpec), unlearning=schedule)
     if net is not None:
         module.attach(net, tokenizer)
     data_kwargs = dict(max_length=max_length, samples_per_group=samples_per_group, sample_seed=seed, eval_batch_size=eval_batch_size)

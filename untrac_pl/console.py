@@ -167,13 +167,6 @@ class Progress:
         self._last_line = time.perf_counter()
         self._printed = self.n
 
-    def set_total(self, total: int) -> None:
-        self.total = int(total)
-        self._milestone = self._milestone_of(self.n)
-        if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
-
     def note(self, text: Optional[str]) -> None:
         """What the phase is doing now (the bar's postfix; in a file, part of the next line)."""
         self._note = text

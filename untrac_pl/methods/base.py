@@ -9,7 +9,7 @@ and calls the method's hooks with one :class:`RunContext`.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
@@ -136,11 +136,7 @@ class AttributionMethod:
     # UnTrac unlearns the training side: raw training texts must then each be their own target
     unlearns_training_data: ClassVar[bool] = False
 
-    # -- options -------------------------------------------------------------------------------------
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls.Options))
-
+    # -- defaults and options -------------------------------------------------------------------------
     def default_schedule(self) -> UnlearningSchedule:
         """The unlearning schedule of the paper's setting for this method (Python API default)."""
         return UnlearningSchedule()
