@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import resource
 import signal
@@ -33,6 +34,22 @@ def versions() -> dict:
 
     return {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def machine_facts() -> dict:
+    """The machine a result was computed on (every results.md names it: floats differ across CPUs)."""
+    model = ""
+    flags: list[str] = []
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in line.split(":", 1)[1].split()]
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor() or platform.machine(), "cpu_flags": flags, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
 def json_safe(value: Any, drop_private: bool = False) -> Any:

@@ -39,32 +39,42 @@ class FitSpec:
 
     ``max_steps`` optimizer steps of ``batch_size`` examples drawn from the mixture of the training
     groups not in ``exclude_groups``; ``checkpoint_steps`` (global steps) are saved with their lr.
+    ``order_seed`` (default: ``seed``) seeds the batch order alone, so a ground truth can be retrained
+    with another batch order from the same initialisation (its test-retest reliability).
     """
 
     max_steps: int = 512
     batch_size: int = 2
     seed: int = 0
+    order_seed: Optional[int] = None
     exclude_groups: list[str] = field(default_factory=list)
     checkpoint_steps: list[int] = field(default_factory=list)
     log_every_n_steps: int = 10
 
 
 class MixtureBatchSampler(Sampler[list[int]]):
-    """Exactly ``num_steps`` batches of positions from ``allowed`` (seeded; passes reshuffled)."""
+    """Exactly ``num_steps`` batches of positions from ``allowed`` (seeded; passes reshuffled).
 
-    def __init__(self, allowed: Sequence[int], batch_size: int, num_steps: int, seed: int):
+    Coupled batch order: every pass shuffles the whole ``universe`` (default: ``allowed``) with the
+    same seeded stream and skips what is not allowed, so a leave-group-out model sees θ0's batches
+    with that group's examples taken out and the rest in the same order (less noise in the ground
+    truth than an unrelated order).
+    """
+
+    def __init__(self, allowed: Sequence[int], batch_size: int, num_steps: int, seed: int, universe: Optional[Sequence[int]] = None):
         if not allowed:
             raise ValueError("no training examples left to sample from (every group excluded?)")
         if batch_size < 1 or num_steps < 1:
             raise ValueError(f"batch_size and num_steps must be >= 1, got {batch_size}, {num_steps}")
         rng = random.Random(f"mixture:{seed}")
-        pool = list(allowed)
+        keep = set(allowed)
+        pool = list(universe) if universe is not None else list(allowed)
         batches, stream = [], []
         while len(batches) < num_steps:
             while len(stream) < batch_size:
                 order = pool[:]
                 rng.shuffle(order)
-                stream.extend(order)
+                stream.extend(i for i in order if i in keep)
             batches.append(stream[:batch_size])
             stream = stream[batch_size:]
         self.batches = batches
@@ -82,7 +92,8 @@ def mixture_dataloader(corpus: TokenizedCorpus, spec: FitSpec, pad_token_id: int
     if unknown:
         raise ValueError(f"exclude_groups {sorted(unknown)} are not training groups ({corpus.groups})")
     allowed = [i for i, r in enumerate(corpus.records) if r["group"] not in excluded]
-    sampler = MixtureBatchSampler(allowed, spec.batch_size, spec.max_steps, spec.seed)
+    order_seed = spec.seed if spec.order_seed is None else spec.order_seed
+    sampler = MixtureBatchSampler(allowed, spec.batch_size, spec.max_steps, order_seed, universe=range(len(corpus.records)))
     return DataLoader(ExampleDataset(corpus.examples), batch_sampler=sampler, collate_fn=PadCollator(pad_token_id))
 
 

@@ -176,13 +176,25 @@ def ground_truth_summary(gt_tables: Sequence[ScoreTable]) -> dict:
     }
 
 
-def evaluate_directory(root, methods: Optional[Sequence[str]] = None) -> dict:
-    """Evaluate every score file under ``root/<setting>/seed<k>/<method>.safetensors``.
+def run_dirs(seed_dir) -> list:
+    """The folders holding a seed folder's method files: its ``run<r>/`` subfolders (the paper's protocol:
+    θ0 and the ground truth fixed, each run resamples the examples the methods use), else the folder itself."""
+    from pathlib import Path
 
-    Each seed folder needs ``ground_truth.safetensors``; every other ``*.safetensors`` in it is a
-    method (any ScoreTable file — UnTrac, UnTrac-Inv, a baseline — slots in unchanged). A method
-    must be present for every seed of a setting that it is evaluated on (seeds lacking it are skipped
-    for that method). Returns ``{setting: {"seeds", "ground_truth", "methods": {name: evaluate_seeds(...)}}}``.
+    seed_dir = Path(seed_dir)
+    runs = sorted((p for p in seed_dir.glob("run*") if p.is_dir() and p.name[3:].isdigit()), key=lambda p: int(p.name[3:]))
+    return runs or [seed_dir]
+
+
+def evaluate_directory(root, methods: Optional[Sequence[str]] = None) -> dict:
+    """Evaluate every score file under ``root/<setting>/seed<k>/[run<r>/]<method>.safetensors``.
+
+    Each seed folder needs ``ground_truth.safetensors``; every other ``*.safetensors`` in it (or in its
+    ``run<r>/`` subfolders, each scored against the seed folder's ground truth) is a method (any
+    ScoreTable file — UnTrac, UnTrac-Inv, a baseline — slots in unchanged). Summaries are over every
+    (seed, run) pair; with several θ0 seeds, ``theta0_std`` is the spread of the per-seed means (θ0 and
+    ground-truth noise), reported apart from the run-to-run spread. Returns
+    ``{setting: {"seeds", "runs", "ground_truth", "methods": {name: evaluate_seeds(...)}}}``.
     """
     from pathlib import Path
 
@@ -193,13 +205,27 @@ def evaluate_directory(root, methods: Optional[Sequence[str]] = None) -> dict:
         if not seed_dirs:
             continue
         gts = {p.name: ScoreTable.load(p / "ground_truth.safetensors") for p in seed_dirs}
-        names = methods or sorted({f.stem for p in seed_dirs for f in p.glob("*.safetensors") if f.stem != "ground_truth"})
-        result = {"seeds": list(gts), "ground_truth": ground_truth_summary(list(gts.values())), "methods": {}}
+        folders = [(p.name, d) for p in seed_dirs for d in run_dirs(p)]
+        names = methods or sorted({f.stem for _, d in folders for f in d.glob("*.safetensors") if f.stem != "ground_truth"})
+        result = {"seeds": list(gts), "runs": sorted({d.name for _, d in folders if d.name.startswith("run")}),
+                  "ground_truth": ground_truth_summary(list(gts.values())), "methods": {}}
         for name in names:
-            pairs = [(ScoreTable.load(p / f"{name}.safetensors"), gts[p.name]) for p in seed_dirs if (p / f"{name}.safetensors").exists()]
+            pairs = [(seed, ScoreTable.load(d / f"{name}.safetensors")) for seed, d in folders if (d / f"{name}.safetensors").exists()]
             if pairs:
-                result["methods"][name] = evaluate_seeds([a for a, _ in pairs], [b for _, b in pairs])
-                result["methods"][name]["num_seeds"] = len(pairs)
-                _expect_seeds(result["methods"][name], len(gts))
+                entry = evaluate_seeds([t for _, t in pairs], [gts[seed] for seed, _ in pairs])
+                entry["num_seeds"] = len(pairs)
+                _expect_seeds(entry, len(folders))
+                if len(gts) > 1:
+                    entry["theta0_std"] = _theta0_spread([seed for seed, _ in pairs], [t for _, t in pairs], gts)
+                result["methods"][name] = entry
         out[setting_dir.name] = result
     return out
+
+
+def _theta0_spread(seeds: Sequence[str], tables: Sequence[ScoreTable], gts: dict) -> dict:
+    """Per test set, the sample std over θ0 seeds of the per-seed mean Pearson (NaN with one seed)."""
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    for seed, table in zip(seeds, tables):
+        for t, v in correlate(table, gts[seed])["test_sets"].items():
+            per_seed.setdefault(t, {}).setdefault(seed, []).append(v["pearson"])
+    return {t: summarise([_nanmean(v) for v in by_seed.values()])["std"] if len(by_seed) > 1 else float("nan") for t, by_seed in per_seed.items()}

@@ -282,6 +282,170 @@ def write_figures(metrics: dict, out_dir: Path, method_names: list[str]) -> list
     return written
 
 
+def _num(v, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def reliability_markdown(stats: dict) -> str:
+    rel = stats.get("reliability")
+    if not rel:
+        return ("Ground-truth reliability: not measured (one batch order; set `protocol.batch_orders` to two or more "
+                "seeds to measure how much the ground truth agrees with itself).")
+    k = next(iter(rel.values()))["orders"]
+    rows = [[t, _num(v["test_retest"]), _num(v["mean_reliability"]), _num(v["ceiling_single"]), _num(v["ceiling"])] for t, v in rel.items()]
+    header = ["test set", "test–retest r (2 batch orders)", f"reliability of the {k}-order mean GT (Spearman–Brown)",
+              "ceiling vs one order (√r)", f"ceiling vs the {k}-order mean"]
+    return ("Ground-truth reliability (per test subset: Pearson over the training groups between the ground truths of two batch "
+            "orders, same θ0 initialisation; mean over the subsets). The ceiling is the highest correlation any method can "
+            "reach against a ground truth this noisy.\n\n" + _md_table(header, rows))
+
+
+def statistics_markdown(stats: dict, method_names: list[str]) -> str:
+    """Mean over runs, bootstrap 95 % CI (training groups resampled) and the permutation null per method and test set."""
+    entries = stats.get("methods", {})
+    names = [n for n in method_names if n in entries]
+    if not names:
+        return ""
+    test_sets = list(dict.fromkeys(t for n in names for t in entries[n]))
+    rows = []
+    for n in names:
+        row = [display(n)]
+        for t in test_sets:
+            e = entries[n].get(t)
+            if not e:
+                row.append("n/a")
+                continue
+            lo, hi = e["ci"]
+            row.append(f"{_num(e['mean'])} [{_num(lo, 2)}, {_num(hi, 2)}] p={_num(e['null']['p_value'], 3)}")
+        rows.append(row)
+    nulls = [f"{t}: null 95th percentile {_num(entries[names[0]][t]['null']['null_q95'], 2)} "
+             f"({'exact, ' if entries[names[0]][t]['null']['exact'] else ''}{entries[names[0]][t]['null']['n']} permutations)"
+             for t in test_sets if t in entries[names[0]]]
+    runs = max(entries[n][t]["num_runs"] for n in names for t in entries[n])
+    return (f"Pearson with the ground truth on `{stats['seed']}` (mean over its {runs} run(s)), with a bootstrap 95 % CI "
+            "(training groups resampled with replacement) and a permutation p-value (the same statistic with the method's "
+            "group labels shuffled, one permutation for every subset and run; one-sided). What chance gives: "
+            + "; ".join(nulls) + ".\n\n" + _md_table(["method"] + test_sets, rows))
+
+
+def lds_markdown(stats: dict, method_names: list[str]) -> str:
+    block = stats.get("lds")
+    if not block:
+        return ""
+    names = [GROUND_TRUTH] + [n for n in method_names if n in block["methods"]]
+    test_sets = list(dict.fromkeys(t for n in names if n in block["methods"] for t in block["methods"][n]))
+    rows = []
+    for n in names:
+        if n not in block["methods"]:
+            continue
+        cells = []
+        for t in test_sets:
+            e = block["methods"][n].get(t)
+            cells.append(f"{_num(e['lds'])} [{_num(e['ci'][0], 2)}, {_num(e['ci'][1], 2)}]" if e else "n/a")
+        rows.append([("**" + display(n) + "** (its own scores)") if n == GROUND_TRUTH else display(n)] + cells)
+    return (f"Group-level LDS: {block['num_models']} models, each trained from θ0's initialisation for the same steps on a random "
+            "half of the training groups; a method predicts each model's test-subset loss by summing its scores of the groups "
+            "left out. Spearman over the models per subset, mean per test set, bootstrap 95 % CI over the models. 0 = no "
+            "predictive power.\n\n" + _md_table(["method"] + test_sets, rows))
+
+
+def noise_markdown(stats: dict) -> str:
+    block = stats.get("float_noise")
+    if not block:
+        return ""
+    deltas = [v for per in block["methods"].values() for v in per.values() if isinstance(v, float) and math.isfinite(v)]
+    worst = max(deltas) if deltas else float("nan")
+    return (f"Float noise: the first batch order's ground truth and the first run's methods recomputed with {block['threads']} torch "
+            f"thread(s) (same code, data and config) moved the ground truth by at most {_num(block['ground_truth_max_change'], 4)} "
+            f"nats (its spread across subsets and groups: {_num(block['ground_truth_spread'], 4)}) and each method's Pearson by at "
+            f"most {_num(worst)} (median {_num(sorted(deltas)[len(deltas) // 2] if deltas else float('nan'))}). Byte-identical results "
+            "hold only on the same machine and software.")
+
+
+def theta0_markdown(stats: dict) -> str:
+    t = stats.get("theta0") or {}
+    u = t.get("unigram")
+    if not u:
+        return ""
+    return (f"θ0 on `{stats['seed']}`: mean test loss {_num(t.get('mean_query_loss'))} nats; a unigram model of the training tokens "
+            f"scores {_num(u['test_loss'])} on the same test examples (training-token entropy {_num(u['train_entropy'])}); "
+            f"uniform guess ln V = {_num(u['uniform'])}.")
+
+
+def curves_markdown(result: dict, stats: dict, curves: dict) -> str:
+    """Correlation against unlearning steps / epochs (paper Fig. 2/3), mean ± std over runs."""
+    if not curves:
+        return ""
+    blocks = []
+    for base in dict.fromkeys(c["curve"] for c in curves.values()):
+        labels = [k for k, c in curves.items() if c["curve"] == base and k in result["methods"]]
+        if not labels:
+            continue
+        test_sets = list(result["methods"][labels[0]]["test_sets"])
+        length = curves[labels[0]]["over"].replace("num_", "")
+        rows = [[str(curves[k]["value"])] + [_fmt(result["methods"][k]["test_sets"][t]["pearson"]) for t in test_sets] for k in labels]
+        ref = curves[labels[0]].get("reference")
+        text = f"{display(base)}: Pearson against the number of unlearning {length} (mean ± std over runs)\n\n" + _md_table([length] + test_sets, rows)
+        first = labels[0]
+        if ref and ref in result["methods"] and curves[first]["value"] == 1:
+            agree = _agreement(stats, first, ref)
+            text += (f"\n\nOne-step check: {display(base)} at 1 step vs {display(ref)} — Pearson with the ground truth "
+                     + ", ".join(f"{t} {_fmt(result['methods'][first]['test_sets'][t]['pearson'])} vs {_fmt(result['methods'][ref]['test_sets'][t]['pearson'])}" for t in test_sets)
+                     + (f"; direct agreement of their group scores (Pearson per subset, mean): {agree}" if agree else "") + ".")
+        blocks.append(text)
+    return "\n\n".join(blocks)
+
+
+def _agreement(stats: dict, a: str, b: str) -> str:
+    pair = (stats.get("agreement") or {}).get(f"{a}|{b}")
+    return ", ".join(f"{t} {_num(v)}" for t, v in pair.items()) if pair else ""
+
+
+def _theta0_spread_line(result: dict, names: list[str]) -> str:
+    cells = [f"{display(n)} " + ", ".join(f"{t} {_num(v)}" for t, v in result["methods"][n]["theta0_std"].items())
+             for n in names if result["methods"][n].get("theta0_std")]
+    return ("Spread across θ0 seeds (std of the per-seed mean Pearson; θ0, data and ground truth redrawn), reported apart from "
+            "the run-to-run std above: " + "; ".join(cells) + ".") if cells else ""
+
+
+def write_curve_figures(metrics: dict, out_dir: Path, curves: dict) -> list[str]:
+    """``curve_<setting>.png``: Pearson (mean ± std over runs) against steps / epochs, one line per test set."""
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for setting, result in metrics.items():
+        bases = [b for b in dict.fromkeys(c["curve"] for c in curves.values()) if any(k in result["methods"] for k, c in curves.items() if c["curve"] == b)]
+        if not bases:
+            continue
+        fig, axes = plt.subplots(1, len(bases), figsize=(5.2 * len(bases), 4.0), squeeze=False, layout="constrained")
+        for ax, base in zip(axes.flat, bases):
+            labels = [k for k, c in curves.items() if c["curve"] == base and k in result["methods"]]
+            xs = [curves[k]["value"] for k in labels]
+            for t in result["methods"][labels[0]]["test_sets"]:
+                mean = [result["methods"][k]["test_sets"][t]["pearson"]["mean"] for k in labels]
+                std = [result["methods"][k]["test_sets"][t]["pearson"]["std"] for k in labels]
+                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=t)
+                ref = curves[labels[0]].get("reference")
+                if ref and ref in result["methods"]:
+                    ax.axhline(result["methods"][ref]["test_sets"][t]["pearson"]["mean"], ls=":", lw=1, color=ax.lines[-1].get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel(f"unlearning {curves[labels[0]]['over'].replace('num_', '')}")
+            ax.set_ylabel("Pearson with ground truth")
+            ax.set_title(f"{display(base)} (dotted: {display(curves[labels[0]].get('reference') or '')})", fontsize=FONT["title"])
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=FONT["legend"])
+        fig.suptitle(f"{setting}: correlation against unlearning length", fontsize=FONT["suptitle"])
+        path = save_figure_atomic(out_dir / f"curve_{setting}.png", fig, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
 def write_report(
     metrics: dict,
     out_dir: Path,
@@ -294,6 +458,7 @@ def write_report(
     extra: Optional[dict] = None,
     paper_table3: bool = False,
     figures: bool = True,
+    curves: Optional[dict] = None,
 ) -> dict:
     """Write ``metrics.json``, ``results.md`` and figures into ``out_dir``; return what was written."""
     out_dir = Path(out_dir)
@@ -305,6 +470,7 @@ def write_report(
     if sweep:
         write_json_atomic(out_dir / "ablation.json", _clean({"command": command, "rows": ablation_rows(metrics, sweep)}))
     figs = write_figures(metrics, out_dir, main) if figures and main else []
+    figs += write_curve_figures(metrics, out_dir, curves or {}) if figures else []
     parts = [f"# {title}", "", f"Produced by:\n\n```\n{command}\n```", ""]
     if notes:
         parts += [notes.strip(), ""]
@@ -314,11 +480,28 @@ def write_report(
         names = [m for m in main if m in result["methods"]]
         seeds = result.get("seeds", [])
         parts += [f"## Setting `{setting}` ({len(seeds)} seed(s): {', '.join(seeds)})", ""]
+        stats = result.get("statistics") or {}
+        runs = result.get("runs") or []
+        if runs:
+            parts[-2] = f"## Setting `{setting}` (θ0 seed(s): {', '.join(seeds)}; method runs: {', '.join(runs)})"
+        over = "runs" if runs and len(seeds) == 1 else "seeds × runs" if runs else "seeds"
+        for block in (theta0_markdown(stats), reliability_markdown(stats) if stats else ""):
+            if block:
+                parts += [block, ""]
         if names:
             parts += ["Correlation with the leave-group-out ground truth (per test subset over the training groups, "
-                      "averaged per test set; mean ± std over seeds):", "", correlation_markdown(setting, result, names), ""]
+                      f"averaged per test set; mean ± std over {over}):", "", correlation_markdown(setting, result, names), ""]
+            spread = _theta0_spread_line(result, names)
+            if spread:
+                parts += [spread, ""]
+            for block in (statistics_markdown(stats, names), lds_markdown(stats, names), noise_markdown(stats)):
+                if block:
+                    parts += [block, ""]
             parts += [standardised_markdown(result, names), ""]
-        if sweep:
+        curve_text = curves_markdown(result, stats, curves or {})
+        if curve_text:
+            parts += [curve_text, ""]
+        if sweep and any(n in result["methods"] for n in sweep):
             parts += ["Optimizer / learning-rate ablation (Pearson, mean ± std over seeds; Table 4 style):", "",
                       ablation_markdown(setting, result, sweep), ""]
         for fig in figs:

@@ -36,6 +36,7 @@ from untrac_pl.data.synthetic import load_synthetic
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
 from untrac_pl.evaluation.metrics import evaluate_directory
+from untrac_pl.evaluation.power import setting_statistics
 from untrac_pl.evaluation.report import write_report
 from untrac_pl.experiments.methods import (
     MethodContext,
@@ -43,13 +44,23 @@ from untrac_pl.experiments.methods import (
     MethodSpec,
     run_method,
 )
+from untrac_pl.experiments.protocol import (
+    LDS_FILE,
+    NOISE_DIR,
+    ORDERS_DIR,
+    Protocol,
+    expand_curves,
+    mean_ground_truth,
+    train_lds_models,
+    unigram_baseline,
+)
 from untrac_pl.io import write_json_atomic
 from untrac_pl.lm import CausalLMModule, LRSchedule, example_losses
 from untrac_pl.methods import canonical_name, get_method, method_names
 from untrac_pl.models import ModelSpec, build_model, load_tokenizer
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.resume import fingerprint_diff, score_trainer_settings
-from untrac_pl.runtime import json_safe, versions
+from untrac_pl.runtime import json_safe, machine_facts, versions
 from untrac_pl.scores import ScoreTable
 from untrac_pl.training import FitSpec, block_records, fit_lm
 
@@ -132,7 +143,7 @@ class ReproduceConfig:
     name: str = "synthetic"
     title: str = "UnTrac reproduction"
     experiment: Literal["synthetic", "corpora"] = "synthetic"
-    output_dir: str = "results/synthetic"
+    output_dir: Optional[str] = None  # default runs/<name>: never the committed results/ unless given
     log_dir: Optional[str] = None
     work_dir: str = "runs/reproduce"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -147,6 +158,7 @@ class ReproduceConfig:
     lm: LMTraining = field(default_factory=LMTraining)
     methods: list[MethodSpec] = field(default_factory=list)
     sweep: Optional[Sweep] = None
+    protocol: Protocol = field(default_factory=Protocol)
     resume: bool = False
     evaluate_only: bool = False
     figures: bool = True
@@ -154,6 +166,8 @@ class ReproduceConfig:
     threads: Optional[int] = None
 
     def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
         # the reproduction sets these per run: θ0 sees every group, and the seed comes from ``seeds``
         if self.fit.exclude_groups:
             raise ValueError(f"fit.exclude_groups={self.fit.exclude_groups}: the reproduction trains θ0 on every group and "
@@ -358,6 +372,45 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
                                            f"{fingerprint_diff(old or {}, new)}; delete that file to recompute it, or rerun with --resume false")
 
 
+def method_dir(seed_dir: Path, run: Optional[int]) -> Path:
+    """Where one run's method files go: ``seed<k>/run<r>/`` (the paper's protocol) or the seed folder itself."""
+    return seed_dir if run is None else seed_dir / f"run{run}"
+
+
+def method_files(cfg: ReproduceConfig, seed: int, seed_dir: Path, methods) -> list[Path]:
+    return [method_dir(seed_dir, run) / f"{m.key}.safetensors" for run in cfg.protocol.run_seeds(seed) for m in methods]
+
+
+def _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir) -> tuple[ScoreTable, dict]:
+    """Leave-group-out ground truth for every batch order (θ0 retrained per order after the first), their
+    mean, each order's table in ``orders/`` and the LDS models in ``lds.json``; ``lm.net`` is left changed."""
+    net, pad = lm.net, lm.tokenizer.pad_token_id
+    orders = cfg.protocol.orders(seed)
+    tables, runs = [], {}
+    for i, order in enumerate(orders):
+        spec = replace(fit_spec, order_seed=order)
+        suffix = "" if i == 0 else f"_order{order}"
+        base_o = base
+        if i > 0:
+            net.load_state_dict(copy.deepcopy(init_state))
+            fit_lm(lm, train_corpus, spec, trainer_kwargs, logger=_tb_logger(cfg, setting, seed, f"full{suffix}"))
+            base_o = example_losses(net, query_corpus.examples, pad, cfg.eval_batch_size)
+        table, info = leave_group_out(lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, query_groups, spec, base_o,
+                                      trainer_kwargs, logger_factory=lambda v, s=suffix: _tb_logger(cfg, setting, seed, v + s),
+                                      eval_batch_size=cfg.eval_batch_size)
+        table.metadata.update({"order_seed": order, "base_query_loss": float(base_o.mean())})
+        if cfg.protocol.batch_orders is not None:
+            table.save(seed_dir / ORDERS_DIR / f"{GROUND_TRUTH}_order{order}.safetensors")
+        tables.append(table)
+        runs.update(info if i == 0 else {f"{k}{suffix}": v for k, v in info.items()})
+    gt = tables[0] if len(tables) == 1 else mean_ground_truth(tables)
+    gt.metadata["batch_orders"] = orders
+    if cfg.protocol.lds_models:
+        train_lds_models(lm, init_state, train_corpus, query_corpus, query_groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed,
+                         trainer_kwargs, cfg.eval_batch_size, seed_dir / LDS_FILE)
+    return gt, runs
+
+
 def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None, reuse: bool = False, may_fail: tuple = ()) -> dict:
     """Train θ0, compute GT and every method for one setting and seed; write the score files.
 
@@ -367,6 +420,10 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     ``reuse`` (``resume: true`` on a seed folder that has the ground truth but lacks some methods, e.g.
     methods added to the config later): θ0 is retrained (deterministic: same seed, same data) for the
     missing methods, the stored ground truth and the existing method files are kept.
+
+    With ``protocol.batch_orders`` the ground truth is the mean over the orders (θ0 of the first order
+    is the one the methods run on); with ``protocol.runs`` each run resamples the methods' examples
+    into ``run<r>/`` on the same θ0 and ground truth (:mod:`untrac_pl.experiments.protocol`).
     """
     timings: dict = {}
     t0 = time.perf_counter()
@@ -376,6 +433,7 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     tokenizer = load_tokenizer(spec, data["tokenizer_texts"])
     train_records = data["train"] if "train" in data else corpus_blocks(cfg, data["docs"], tokenizer, setting, seed)
     query_records = data["queries"]
+    query_groups = [r["group"] for r in query_records]
     net = build_model(spec, tokenizer)
     init_state = copy.deepcopy(net.state_dict())
     lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps, max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
@@ -384,18 +442,20 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     query_corpus = tokenize_records(query_records, tokenizer, cfg.max_length, "queries")
     timings["data_s"] = time.perf_counter() - t0
 
+    orders = cfg.protocol.orders(seed)
     fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[])
     t1 = time.perf_counter()
     ckpt_dir = Path(cfg.work_dir) / cfg.name / setting / f"seed{seed}" / "checkpoints"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
-    theta0_run = fit_lm(lm, train_corpus, fit_spec, trainer_kwargs, logger=_tb_logger(cfg, setting, seed, "full"), checkpoint_dir=ckpt_dir)
+    theta0_run = fit_lm(lm, train_corpus, replace(fit_spec, order_seed=orders[0]), trainer_kwargs, logger=_tb_logger(cfg, setting, seed, "full"), checkpoint_dir=ckpt_dir)
     theta0 = copy.deepcopy(net.state_dict())
     base = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
     timings["fit_theta0_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
+    seed_dir.mkdir(parents=True, exist_ok=True)
     if reuse and gt_path.exists():
         gt, runs = ScoreTable.load(gt_path), {}
         stored = gt.metadata.get("base_query_loss")
@@ -405,52 +465,78 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
         timings["ground_truth_s"] = gt.metadata.get("timings", {}).get("ground_truth_s", 0.0)
         timings["ground_truth_reused"] = True
     else:
-        gt, runs = leave_group_out(
-            lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, [r["group"] for r in query_records],
-            fit_spec, base, trainer_kwargs, logger_factory=lambda v: _tb_logger(cfg, setting, seed, v), eval_batch_size=cfg.eval_batch_size,
-        )
+        gt, runs = _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir)
         timings["ground_truth_s"] = time.perf_counter() - t2
-    gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean()),
+    baseline = unigram_baseline(train_corpus, query_corpus, len(tokenizer))
+    gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean()), "unigram": baseline,
                         "shared_config": shared_fingerprint(cfg, setting, trainer_kwargs)})
-    seed_dir.mkdir(parents=True, exist_ok=True)
 
-    ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
-                        seed=seed, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
-                        trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
     method_times = dict(gt.metadata.get("timings", {}).get("methods_s", {})) if reuse else {}
     failed_methods: dict = {}
-    for method in methods:
-        if reuse and (seed_dir / f"{method.key}.safetensors").exists():
-            continue
-        net.load_state_dict(theta0)
-        tm = time.perf_counter()
-        try:
-            table = run_method(method, ctx)
-        except FloatingPointError as exc:  # diverged ascent (NaN/inf loss): fatal, except for sweep cells (``may_fail``)
-            if method.key not in may_fail:
-                raise
-            failed_methods[method.key] = str(exc)
-            print(f"[reproduce] {setting} seed {seed}: {method.key} diverged, no score file: {exc}", flush=True)
-            continue
-        method_times[method.key] = time.perf_counter() - tm
-        table.metadata.update({"setting": setting, "seed": seed, "spec": asdict(method), "seconds": method_times[method.key]})
-        table.save(seed_dir / f"{method.key}.safetensors")
+    for run in cfg.protocol.run_seeds(seed):
+        out_dir = method_dir(seed_dir, run)
+        ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
+                            seed=seed if run is None else run, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
+                            trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
+        for method in methods:
+            where = method.key if run is None else f"run{run}/{method.key}"
+            if reuse and (out_dir / f"{method.key}.safetensors").exists():
+                continue
+            net.load_state_dict(theta0)
+            tm = time.perf_counter()
+            try:
+                table = run_method(method, ctx)
+            except FloatingPointError as exc:  # diverged ascent (NaN/inf loss): fatal, except for sweep cells (``may_fail``)
+                if method.key not in may_fail:
+                    raise
+                failed_methods[where] = str(exc)
+                print(f"[reproduce] {setting} seed {seed}: {where} diverged, no score file: {exc}", flush=True)
+                continue
+            method_times[where] = time.perf_counter() - tm
+            table.metadata.update({"setting": setting, "seed": seed, "run": run, "spec": asdict(method), "seconds": method_times[where]})
+            table.save(out_dir / f"{method.key}.safetensors")
     net.load_state_dict(theta0)
     timings["methods_s"] = method_times
     timings["total_s"] = time.perf_counter() - t0
     gt.metadata["timings"] = timings
-    gt.save(seed_dir / f"{GROUND_TRUTH}.safetensors")  # written last: marks the seed folder complete
+    gt.save(gt_path)  # written last: marks the seed folder complete
     gt_groups = gt.group_level()
     return {
         "timings": timings,
         "failed_methods": failed_methods,
-        "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean())},
+        "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean()), "unigram": baseline},
         "retrain_steps": {k: v["steps"] for k, v in runs.items()} or {g: cfg.fit.max_steps for g in train_corpus.group_members()},
         "num_train_examples": len(train_records),
         "num_train_per_group": {g: len(ix) for g, ix in train_corpus.group_members().items()},
         "num_queries": len(query_records),
         "ground_truth_group_level": {r: dict(zip(gt_groups.col_ids, gt_groups.scores[i].tolist())) for i, r in enumerate(gt_groups.row_ids)},
     }
+
+
+def float_noise_check(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict) -> Optional[dict]:
+    """Recompute the first batch order's ground truth and the first run's methods with
+    ``protocol.float_noise_threads`` torch threads into ``seed<k>/noise/threads<N>/`` (same code, same
+    config: only the float rounding differs), for the report's float-noise line."""
+    threads = cfg.protocol.float_noise_threads
+    if not threads:
+        return None
+    target = seed_dir / NOISE_DIR / f"threads{threads}"
+    if (target / f"{GROUND_TRUTH}.safetensors").exists() and cfg.resume:
+        return {"threads": threads, "reused": True}
+    p = cfg.protocol
+    noise_cfg = replace(cfg, protocol=replace(p, batch_orders=[p.orders(seed)[0]] if p.batch_orders is not None else None,
+                                              runs=[p.runs[0]] if p.runs else None, lds_models=0, curves=[], float_noise_threads=None),
+                        log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        started = time.perf_counter()
+        run_setting_seed(noise_cfg, setting, seed, methods, target, trainer_kwargs)
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": threads, "default_threads": before, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,39 +553,51 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     out_dir = Path(cfg.output_dir)
     scores_root = out_dir / "scores"
     methods, sweep_info = expand_methods(cfg)
+    curve_specs, curve_info = expand_curves(cfg.protocol, methods)
+    main_methods, methods = methods, methods + curve_specs
     settings, seeds = settings_of(cfg), seeds_of(cfg)
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
     runs_path = out_dir / "runs.json"
     runs: dict = json.loads(runs_path.read_text()) if (cfg.resume or cfg.evaluate_only) and runs_path.exists() else {}
+    noise: dict = {}
     if not cfg.evaluate_only:
         for setting in settings:
             for seed in seeds:
                 seed_dir = scores_root / setting / f"seed{seed}"
                 if cfg.resume:
                     check_resumable(seed_dir, shared_fingerprint(cfg, setting, trainer_kwargs), methods)
-                done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all((seed_dir / f"{m.key}.safetensors").exists() for m in methods)
+                files = method_files(cfg, seed, seed_dir, methods)
+                done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all(f.exists() for f in files)
                 if cfg.resume and done:
                     print(f"[reproduce] {setting} seed {seed}: already done, skipped", flush=True)
-                    continue
-                reuse = cfg.resume and (seed_dir / f"{GROUND_TRUTH}.safetensors").exists()
-                if seed_dir.exists() and not reuse:
-                    shutil.rmtree(seed_dir)
-                missing = [m.key for m in methods if not (reuse and (seed_dir / f"{m.key}.safetensors").exists())]
-                print(f"[reproduce] {setting} seed {seed}: training θ0, {len(missing)} method(s) {missing}"
-                      + (" (ground truth reused)" if reuse else "") + "...", flush=True)
-                info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs, reuse=reuse, may_fail=tuple(sweep_info))
-                runs.setdefault(setting, {})[f"seed{seed}"] = info
-                write_json_atomic(runs_path, json_safe(runs))
-                t = info["timings"]
-                print(f"[reproduce] {setting} seed {seed}: done in {t['total_s']:.1f} s (θ0 {t['fit_theta0_s']:.1f} s, GT {t['ground_truth_s']:.1f} s, "
-                      f"methods {sum(t['methods_s'].values()):.1f} s)", flush=True)
+                else:
+                    reuse = cfg.resume and (seed_dir / f"{GROUND_TRUTH}.safetensors").exists()
+                    if seed_dir.exists() and not reuse:
+                        shutil.rmtree(seed_dir)
+                    missing = [str(f.relative_to(seed_dir).with_suffix("")) for f in files if not (reuse and f.exists())]
+                    print(f"[reproduce] {setting} seed {seed}: training θ0, {len(missing)} method run(s)"
+                          + (" (ground truth reused)" if reuse else "") + "...", flush=True)
+                    info = run_setting_seed(cfg, setting, seed, methods, seed_dir, trainer_kwargs, reuse=reuse, may_fail=tuple(sweep_info))
+                    runs.setdefault(setting, {})[f"seed{seed}"] = info
+                    write_json_atomic(runs_path, json_safe(runs))
+                    t = info["timings"]
+                    print(f"[reproduce] {setting} seed {seed}: done in {t['total_s']:.1f} s (θ0 {t['fit_theta0_s']:.1f} s, GT {t['ground_truth_s']:.1f} s, "
+                          f"methods {sum(t['methods_s'].values()):.1f} s)", flush=True)
+                if seed == seeds[0] and cfg.protocol.float_noise_threads:
+                    print(f"[reproduce] {setting} seed {seed}: float-noise check with {cfg.protocol.float_noise_threads} thread(s)...", flush=True)
+                    noise[setting] = float_noise_check(cfg, setting, seed, main_methods, seed_dir, trainer_kwargs)
     metrics = evaluate_directory(scores_root)
     metrics = {s: metrics[s] for s in settings if s in metrics}
+    for setting, result in metrics.items():
+        pairs = [(k, c["reference"]) for k, c in curve_info.items() if c["value"] == 1 and c["reference"]]
+        result["statistics"] = setting_statistics(scores_root / setting, [m.key for m in methods], cfg.protocol.bootstrap_resamples,
+                                                  cfg.protocol.permutations, pairs)
     wall = time.perf_counter() - started
-    extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions()}
+    extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions(),
+             "machine": machine_facts(), "float_noise_runs": noise, "curves": curve_info}
     notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall)
-    return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in methods],
-                        sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures)
+    return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in main_methods],
+                        sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures, curves=curve_info)
 
 
 def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float) -> str:
