@@ -1,0 +1,215 @@
+"""Planted-dose benchmark: does a method's score of a group rise with how much of a behaviour it holds?
+
+One behaviour (toxic ToxiGen statements, ``toxicity_human >= dose.min_toxicity``) is planted into one
+training group (``dose.group``) at known doses: that share of the group's blocks is replaced by planted
+statements, so the group keeps its size (and UnTrac its number of ascent steps). The test set is other
+statements of the same behaviour, disjoint from every planted one. For every dose θ0 is trained from the
+same initialisation with the same (coupled) batch order, every method of ``methods:`` runs on it, and
+the planted group's score on the behaviour is recorded. The benchmark is the Spearman correlation of
+that score with the dose (6 doses: 1.0 only for a score that rises at every step), plus the planted
+group's rank among the groups and its margin to the runner-up; at dose 0 nothing is planted, so its
+rank there is what chance gives (uniform over the groups).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from untrac_pl.data.tokenize import sample_per_group, tokenize_records
+from untrac_pl.evaluation.statistics import dose_response
+from untrac_pl.experiments.datasets import corpora_data, corpus_blocks
+from untrac_pl.experiments.methods import MethodContext, run_method
+from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from untrac_pl.lm import CausalLMModule
+from untrac_pl.methods import display_name
+from untrac_pl.models import build_model, load_tokenizer
+from untrac_pl.runtime import json_safe, machine_facts, versions
+from untrac_pl.training import fit_lm
+
+BEHAVIOUR = "planted/toxic"
+
+
+@dataclass
+class DoseSpec:
+    """The planted-dose benchmark (module docstring)."""
+
+    group: str = "forum"
+    doses: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.10, 0.20])
+    source_file: str = "toxigen_annotated.jsonl"
+    min_toxicity: float = 4.0
+    test_samples: int = 64
+
+    def __post_init__(self):
+        if any(not 0.0 <= d < 1.0 for d in self.doses) or len(set(self.doses)) != len(self.doses) or len(self.doses) < 3:
+            raise ValueError(f"dose.doses={self.doses}: at least three distinct shares in [0, 1)")
+
+
+def behaviour_statements(path: Path, min_toxicity: float, test_samples: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(planting pool, test records): the toxic statements split at random into two disjoint halves."""
+    if not path.exists():
+        raise FileNotFoundError(f"dose.source_file: {path} does not exist (ToxiGen statements with a toxicity_human field, JSONL)")
+    toxic = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            score = float(row["toxicity_human"])
+            text = str(row["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: a ToxiGen record needs 'text' and a numeric 'toxicity_human' ({type(exc).__name__}: {exc})") from None
+        if score >= min_toxicity:
+            toxic.append({"text": text})
+    if len(toxic) < 2 * test_samples:
+        raise ValueError(f"{path}: {len(toxic)} statements with toxicity_human >= {min_toxicity}, fewer than twice dose.test_samples ({test_samples})")
+    random.Random(f"dose-split:{seed}").shuffle(toxic)
+    half = len(toxic) // 2
+    pool = [{"id": f"planted:{i}", "text": r["text"]} for i, r in enumerate(toxic[:half])]
+    tests = [{"id": f"behaviour:{i}", "text": r["text"], "group": BEHAVIOUR} for i, r in enumerate(toxic[half:])]
+    return pool, sample_per_group(tests, test_samples, seed)
+
+
+def plant(blocks: list[dict], group: str, pool: list[dict], dose: float, seed: int) -> tuple[list[dict], int]:
+    """``blocks`` with ``round(dose * n_group)`` of ``group``'s blocks replaced (in place in the list, so the
+    batch order is coupled across doses) by statements of ``pool``; returns the records and the count."""
+    members = [i for i, b in enumerate(blocks) if b["group"] == group]
+    if not members:
+        raise ValueError(f"dose.group='{group}' is not a training group ({sorted({b['group'] for b in blocks})})")
+    count = round(dose * len(members))
+    if count > len(pool):
+        raise ValueError(f"dose {dose:g} needs {count} planted statements, the pool has {len(pool)}")
+    chosen = sorted(random.Random(f"plant:{seed}").sample(members, count))
+    out = list(blocks)
+    for position, statement in zip(chosen, pool):
+        out[position] = {**statement, "group": group}
+    return out, count
+
+
+def _row(table, group: str) -> dict:
+    g = table.group_level()
+    i = g.row_ids.index(BEHAVIOUR)
+    scores = dict(zip(g.col_ids, g.scores[i].double().tolist()))
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    others = [v for k, v in scores.items() if k != group]
+    values = torch.tensor(list(scores.values()), dtype=torch.float64)
+    z = (scores[group] - float(values.mean())) / float(values.std(unbiased=False)) if float(values.std()) > 0 else 0.0
+    return {"score": scores[group], "rank": ranked.index(group) + 1, "margin": scores[group] - max(others), "z": z, "scores": scores}
+
+
+def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:
+    """The benchmark for ``cfg`` (a ReproduceConfig with ``experiment: dose``, the corpora of ``corpora:``
+    at equal sizes, the first of ``seeds``); writes ``scores/dose<d>/``, ``dose.json``, ``results.md`` and ``dose.png``."""
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    spec_dose: DoseSpec = cfg.dose
+    seed = cfg.seeds[0]
+    out_dir = Path(cfg.output_dir)
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
+    data = corpora_data(cfg, "equal", seed)
+    spec = replace(cfg.model, init_seed=seed) if cfg.model.config is not None else cfg.model
+    tokenizer = load_tokenizer(spec, data["tokenizer_texts"])
+    blocks = corpus_blocks(cfg, data["docs"], tokenizer, "equal", seed)
+    pool, tests = behaviour_statements(Path(cfg.corpora.tests_dir) / spec_dose.source_file, spec_dose.min_toxicity, spec_dose.test_samples, seed)
+    net = build_model(spec, tokenizer)
+    init_state = copy.deepcopy(net.state_dict())
+    lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps,
+                        max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
+    lm.attach(net, tokenizer)
+    fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[], checkpoint_steps=list(cfg.fit.checkpoint_steps), order_seed=seed)
+    per_dose: dict = {}
+    for dose in spec_dose.doses:
+        t0 = time.perf_counter()
+        train_records, planted = plant(blocks, spec_dose.group, pool, dose, seed)
+        corpus = tokenize_records(train_records, tokenizer, cfg.max_length, "training data")
+        net.load_state_dict(copy.deepcopy(init_state))
+        ckpt_dir = Path(cfg.work_dir) / cfg.name / f"dose{dose:g}" / "checkpoints"
+        theta0_run = fit_lm(lm, corpus, fit_spec, trainer_kwargs, checkpoint_dir=ckpt_dir)
+        theta0 = copy.deepcopy(net.state_dict())
+        ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=tests, seed=seed,
+                            max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, trainer_kwargs=trainer_kwargs,
+                            checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
+        rows = {}
+        for method in cfg.methods:
+            net.load_state_dict(theta0)
+            table = run_method(method, ctx)
+            table.save(out_dir / "scores" / f"dose{dose:g}" / f"{method.key}.safetensors")
+            rows[method.key] = _row(table, spec_dose.group)
+        net.load_state_dict(theta0)
+        per_dose[f"{dose:g}"] = {"dose": dose, "planted": planted, "final_train_loss": theta0_run["final_train_loss"], "methods": rows,
+                                 "seconds": time.perf_counter() - t0}
+        print(f"[dose] {dose:g}: {planted} planted statements; " + ", ".join(f"{display_name(k)} rank {v['rank']}" for k, v in rows.items()), flush=True)
+    summary = {m.key: dose_response([d["dose"] for d in per_dose.values()], [d["methods"][m.key]["score"] for d in per_dose.values()])
+               for m in cfg.methods}
+    wall = time.perf_counter() - started
+    record = {"command": command, "group": spec_dose.group, "doses": per_dose, "dose_response": summary, "wall_seconds": wall,
+              "num_test": len(tests), "machine": machine_facts(), "versions": versions(), "config": json_safe(cfg)}
+    write_json_atomic(out_dir / "dose.json", json_safe(record))
+    figure = _figure(per_dose, cfg.methods, out_dir)
+    write_text_atomic(out_dir / "results.md", _markdown(cfg, record, figure))
+    return {"metrics": str(out_dir / "dose.json"), "markdown": str(out_dir / "results.md"), "figures": [figure]}
+
+
+def _markdown(cfg, record: dict, figure: str) -> str:
+    doses = list(record["doses"].values())
+    names = [m.key for m in cfg.methods]
+    header = ["method", "Spearman (score vs dose)", "monotone"] + [f"{d['dose'] * 100:g} %" for d in doses]
+    rows = []
+    for n in names:
+        dr = record["dose_response"][n]
+        cells = [f"{d['methods'][n]['score']:+.3g} (#{d['methods'][n]['rank']})" for d in doses]
+        rows.append([display_name(n), f"{dr['spearman']:.3f}", "yes" if dr["monotone"] else "no"] + cells)
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows])
+    k = len(next(iter(doses))["methods"][names[0]]["scores"])
+    zero = doses[0]
+    m = record["machine"]
+    return "\n".join([
+        f"# {cfg.title}", "", "Produced by:", "", "```", record["command"], "```", "",
+        f"Machine: {m['cpu']} ({m['cpus']} CPUs, torch threads {m['torch_threads']}); wall time {record['wall_seconds'] / 60:.1f} min.", "",
+        f"A behaviour (toxic ToxiGen statements, toxicity_human ≥ {cfg.dose.min_toxicity:g}) planted into `{record['group']}` at each dose "
+        f"(that share of its blocks replaced by planted statements; {record['num_test']} other statements of the behaviour as the test set, "
+        "disjoint from every planted one). θ0 is retrained per dose from the same initialisation with the same batch order. "
+        "Each cell: the planted group's score on the behaviour (the method's own units) and its rank among the "
+        f"{k} groups (#1 = most influential).", "",
+        table, "",
+        f"With {len(doses)} doses, a Spearman of 1.0 means the score rose at every step of the dose; under the null (scores "
+        f"unrelated to the dose) its 95th percentile is {_spearman_null_q95(len(doses)):.3f} (exact, all {len(doses)}! orderings). "
+        f"At 0 % nothing is planted: the planted group's rank there is what chance gives (uniform over 1..{k}); "
+        + ", ".join(f"{display_name(n)} #{zero['methods'][n]['rank']} (z {zero['methods'][n]['z']:+.2f})" for n in names) + ".", "",
+        f"![{figure}]({figure})", ""])
+
+
+def _spearman_null_q95(n: int) -> float:
+    """95th percentile of Spearman's rho between a fixed ranking and a random permutation of ``n`` items."""
+    import itertools
+
+    values = sorted(1 - 6 * sum((i - p) ** 2 for i, p in enumerate(perm)) / (n * (n * n - 1)) for perm in itertools.permutations(range(n)))
+    return values[int(0.95 * (len(values) - 1))]
+
+
+def _figure(per_dose: dict, methods, out_dir: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doses = [d["dose"] * 100 for d in per_dose.values()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for m in methods:
+        ax.plot(doses, [d["methods"][m.key]["z"] for d in per_dose.values()], marker="o", label=display_name(m.key))
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("planted share of the group (%)")
+    ax.set_ylabel("planted group's score (z over groups)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title("Planted-dose benchmark")
+    path = save_figure_atomic(out_dir / "dose.png", fig, dpi=110)
+    plt.close(fig)
+    return path.name
