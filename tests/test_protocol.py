@@ -1,0 +1,207 @@
+"""The paper's protocol and its statistics: coupled batch order, batch-order ground truths and their
+reliability, method runs on one θ0, LDS models, curves, the float-noise check, the dose benchmark."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, tiny_gpt2_config
+
+from untrac_pl.data.schedule import UnlearningSchedule
+from untrac_pl.data.tokenize import tokenize_records
+from untrac_pl.evaluation import power
+from untrac_pl.evaluation.metrics import evaluate_directory, run_dirs
+from untrac_pl.experiments.dose import BEHAVIOUR, behaviour_statements, plant
+from untrac_pl.experiments.methods import MethodSpec
+from untrac_pl.experiments.protocol import Curve, Protocol, expand_curves, lds_subsets, mean_ground_truth, unigram_baseline
+from untrac_pl.experiments.reproduce import ReproduceConfig, SyntheticData, reproduce
+from untrac_pl.models import ModelSpec
+from untrac_pl.optim import OptimizerSpec
+from untrac_pl.scores import ScoreTable
+from untrac_pl.training import FitSpec, MixtureBatchSampler, mixture_dataloader
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+def test_leave_group_out_order_is_theta0_stream_with_the_group_skipped():
+    allowed_all = list(range(20))
+    excluded = {3, 4, 11, 17}
+    full = MixtureBatchSampler(allowed_all, batch_size=4, num_steps=30, seed=5)
+    loo = MixtureBatchSampler([i for i in allowed_all if i not in excluded], 4, 30, seed=5, universe=allowed_all)
+    stream_full = [i for b in full for i in b]
+    stream_loo = [i for b in loo for i in b]
+    # the left-out run's stream is the full stream with the excluded examples taken out, same order
+    skipped = [i for i in stream_full if i not in excluded]
+    assert len(skipped) >= 90 and stream_loo[: len(skipped)] == skipped
+    # an uncoupled sampler (its own shuffles of the smaller pool) gives another order: the test can fail
+    uncoupled = [i for b in MixtureBatchSampler([i for i in allowed_all if i not in excluded], 4, 30, seed=5) for i in b]
+    assert uncoupled != stream_loo
+
+
+def test_order_seed_changes_the_order_only(quickstart):
+    from untrac_pl.models import load_tokenizer
+
+    spec = ModelSpec(config=tiny_gpt2_config(0.0), train_tokenizer_vocab=300)
+    tok = load_tokenizer(spec, [r["text"] for r in quickstart["train"]])
+    corpus = tokenize_records(quickstart["train"], tok, 32, "train")
+    batches = lambda fs: [list(b) for b in mixture_dataloader(corpus, fs, tok.pad_token_id).batch_sampler]  # noqa: E731
+    base = batches(FitSpec(max_steps=6, batch_size=4, seed=0))
+    assert batches(FitSpec(max_steps=6, batch_size=4, seed=0, order_seed=0)) == base
+    assert batches(FitSpec(max_steps=6, batch_size=4, seed=0, order_seed=1)) != base
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _table(scores, rows, cols, method="m", unit="group") -> ScoreTable:
+    return ScoreTable(torch.tensor(scores, dtype=torch.float32), rows, rows, cols, cols, unit, "group", method)
+
+
+def test_mean_ground_truth_is_the_elementwise_mean():
+    a = _table([[1.0, 2.0], [3.0, 4.0]], ["s1", "s2"], ["g1", "g2"], "ground_truth")
+    b = _table([[3.0, 0.0], [1.0, 8.0]], ["s1", "s2"], ["g1", "g2"], "ground_truth")
+    assert mean_ground_truth([a, b]).scores.tolist() == [[2.0, 1.0], [2.0, 6.0]]
+    with pytest.raises(ValueError, match="different"):
+        mean_ground_truth([a, _table([[1.0, 2.0]], ["s1"], ["g1", "g2"])])
+
+
+def test_lds_subsets_are_seeded_halves():
+    groups = [f"g{i}" for i in range(8)]
+    subsets = lds_subsets(groups, 32, 0.5, seed=3)
+    assert len(subsets) == 32 and all(len(s) == 4 and len(set(s)) == 4 for s in subsets)
+    assert subsets == lds_subsets(groups, 32, 0.5, seed=3) and subsets != lds_subsets(groups, 32, 0.5, seed=4)
+    assert len({tuple(s) for s in subsets}) > 16  # not one subset repeated
+
+
+def test_unigram_baseline_by_hand():
+    class Corpus:  # labels[0] is never predicted; -100 is ignored
+        def __init__(self, labels):
+            self.examples = [{"labels": x} for x in labels]
+
+    train = Corpus([[9, 0, 0, 1], [9, 0, -100]])  # counted tokens: 0, 0, 1, 0 -> counts+1: [4, 2, 1]
+    test = Corpus([[9, 1, 2]])
+    out = unigram_baseline(train, test, 3)
+    p = torch.tensor([4.0, 2.0, 1.0]) / 7
+    assert out["uniform"] == pytest.approx(math.log(3))
+    assert out["train_entropy"] == pytest.approx(float(-(p * p.log()).sum()))
+    assert out["test_loss"] == pytest.approx(float(-(p[1].log() + p[2].log()) / 2))
+
+
+def test_curves_expand_to_labelled_specs():
+    inv = MethodSpec(name="untrac_inv", target_unit="group", unlearning=UnlearningSchedule(num_steps=5, num_epochs=None, batch_size=None))
+    specs, info = expand_curves(Protocol(curves=[Curve(method="untrac_inv", values=[1, 10])]), [inv])
+    assert [s.key for s in specs] == ["untrac_inv@steps=1", "untrac_inv@steps=10"]
+    assert [s.unlearning.num_steps for s in specs] == [1, 10] and info["untrac_inv@steps=10"]["value"] == 10
+    with pytest.raises(ValueError, match="no entry in methods"):
+        expand_curves(Protocol(curves=[Curve(method="untrac")]), [inv])
+
+
+def test_protocol_refuses_bad_fields():
+    with pytest.raises(ValueError, match="batch_orders"):
+        Protocol(batch_orders=[0, 0])
+    with pytest.raises(ValueError, match="lds_models"):
+        Protocol(lds_models=3)
+    with pytest.raises(ValueError, match="lds_fraction"):
+        Protocol(lds_fraction=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _tiny(tmp_path: Path, **protocol) -> ReproduceConfig:
+    inv = MethodSpec(name="untrac_inv", target_unit="group", optimizer=OptimizerSpec(name="adam", lr=1e-3),
+                     unlearning=UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None), data={"samples_per_group": 8})
+    return ReproduceConfig(
+        name="tiny", output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), log_dir=str(tmp_path / "tb"), seeds=[0],
+        synthetic=SyntheticData(datasets=["A"], n_per_task=12, n_test=8), figures=False,
+        model=ModelSpec(config=tiny_gpt2_config(0.0), train_tokenizer_vocab=300), max_length=64, eval_batch_size=64,
+        fit=FitSpec(max_steps=12, batch_size=8), methods=[inv, MethodSpec(name="graddot", data={"samples_per_group": 8})],
+        protocol=Protocol(**protocol),
+    )
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("protocol")
+    cfg = _tiny(tmp, batch_orders=[0, 1], runs=[0, 1], lds_models=8, float_noise_threads=2, bootstrap_resamples=100, permutations=100,
+                curves=[{"method": "untrac_inv", "values": [1, 2]}])
+    reproduce(cfg, command="test")
+    return tmp, cfg
+
+
+def test_protocol_layout_and_ground_truth_is_the_mean_of_the_orders(protocol_run):
+    tmp, _ = protocol_run
+    seed_dir = tmp / "out" / "scores" / "A" / "seed0"
+    assert [p.name for p in run_dirs(seed_dir)] == ["run0", "run1"]
+    for run in ("run0", "run1"):
+        assert {p.stem for p in (seed_dir / run).glob("*.safetensors")} == {"untrac_inv", "graddot", "untrac_inv@steps=1", "untrac_inv@steps=2"}
+    orders = [ScoreTable.load(seed_dir / "orders" / f"ground_truth_order{o}.safetensors") for o in (0, 1)]
+    gt = ScoreTable.load(seed_dir / "ground_truth.safetensors")
+    assert torch.allclose(gt.scores, (orders[0].scores + orders[1].scores) / 2, atol=1e-6)
+    assert not torch.equal(orders[0].scores, orders[1].scores)  # the second order is another training run
+    lds = json.loads((seed_dir / "lds.json").read_text())
+    assert len(lds["included"]) == 8 and len(lds["losses"]) == 8 and lds["subsets"] == ["test"]
+
+
+def test_protocol_statistics_match_their_definitions(protocol_run):
+    tmp, _ = protocol_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    result = metrics["settings"]["A"]
+    assert result["runs"] == ["run0", "run1"] and result["methods"]["untrac_inv"]["test_sets"]["test"]["pearson"]["n"] == 2
+    stats = result["statistics"]
+    seed_dir = tmp / "out" / "scores" / "A" / "seed0"
+    o0, o1 = (ScoreTable.load(seed_dir / "orders" / f"ground_truth_order{o}.safetensors").group_level().scores.double()[0] for o in (0, 1))
+    r = float(torch.corrcoef(torch.stack([o0, o1]))[0, 1])
+    rel = stats["reliability"]["test"]
+    assert rel["test_retest"] == pytest.approx(r, abs=1e-5)
+    assert rel["mean_reliability"] == pytest.approx(2 * r / (1 + r), abs=1e-5)
+    # the reported mean is the mean over the two runs of each run's Pearson with the ground truth
+    gt = ScoreTable.load(seed_dir / "ground_truth.safetensors").group_level().scores.double()[0]
+    per_run = [float(torch.corrcoef(torch.stack([ScoreTable.load(seed_dir / f"run{k}" / "graddot.safetensors").group_level().scores.double()[0], gt]))[0, 1])
+               for k in (0, 1)]
+    entry = stats["methods"]["graddot"]["test"]
+    assert entry["mean"] == pytest.approx(sum(per_run) / 2, abs=1e-5)
+    assert entry["null"]["exact"] and entry["null"]["n"] == 24  # four training tasks: all 4! orderings
+    assert entry["ci"][0] <= entry["mean"] + 1e-9 and entry["ci"][1] >= entry["mean"] - 1e-9
+    assert stats["lds"]["num_models"] == 8 and "ground_truth" in stats["lds"]["methods"]
+    assert set(stats["float_noise"]["methods"]) >= {"untrac_inv", "graddot"}
+    assert "untrac_inv@steps=1|gradcos" not in stats["agreement"]  # no GradCos in this run: no check claimed
+    md = (tmp / "out" / "results.md").read_text()
+    for phrase in ("Ground-truth reliability", "bootstrap 95 % CI", "Group-level LDS", "Float noise", "unigram model", "Pearson against the number of unlearning steps"):
+        assert phrase in md
+
+
+def test_output_dir_defaults_to_runs(tmp_path):
+    assert ReproduceConfig(name="exp").output_dir == str(Path("runs") / "exp")
+
+
+def test_power_reliability_needs_two_orders(tmp_path):
+    assert power.reliability(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------------------------ dose
+def test_plant_replaces_in_place_and_keeps_group_sizes():
+    blocks = [{"id": f"b{i}", "text": f"t{i}", "group": "a" if i % 2 else "b"} for i in range(40)]
+    pool = [{"id": f"planted:{i}", "text": f"toxic {i}"} for i in range(10)]
+    out, count = plant(blocks, "a", pool, 0.2, seed=0)
+    assert count == 4 and len(out) == len(blocks)
+    changed = [i for i, (x, y) in enumerate(zip(blocks, out)) if x != y]
+    assert len(changed) == 4 and all(blocks[i]["group"] == "a" and out[i]["group"] == "a" for i in changed)
+    assert plant(blocks, "a", pool, 0.0, seed=0) == (blocks, 0)
+    with pytest.raises(ValueError, match="dose.group"):
+        plant(blocks, "zzz", pool, 0.1, seed=0)
+
+
+def test_behaviour_statements_are_disjoint_and_bad_lines_are_named(tmp_path):
+    path = tmp_path / "tox.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"s{i}", "toxicity_human": 5.0 if i % 3 else 1.0}) for i in range(60)) + "\n")
+    pool, tests = behaviour_statements(path, 4.0, 10, seed=0)
+    assert len(tests) == 10 and all(t["group"] == BEHAVIOUR for t in tests)
+    assert not {p["text"] for p in pool} & {t["text"] for t in tests}
+    path.write_text('{"text": "a", "toxicity_human": 5}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"tox.jsonl:2"):
+        behaviour_statements(path, 4.0, 1, seed=0)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tests" / "toxigen_annotated.jsonl").exists(), reason="needs ../shared/data (ToxiGen annotated)")
+def test_shared_toxigen_has_enough_toxic_statements():
+    pool, tests = behaviour_statements(SHARED_DATA / "tests" / "toxigen_annotated.jsonl", 4.0, 64, seed=0)
+    assert len(pool) >= 0.2 * 160 and len(tests) == 64
