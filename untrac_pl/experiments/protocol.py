@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import random
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Sequence
@@ -108,10 +110,20 @@ def mean_ground_truth(tables: Sequence[ScoreTable]) -> ScoreTable:
 
 
 def lds_subsets(groups: Sequence[str], num_models: int, fraction: float, seed: int) -> list[list[str]]:
-    """``num_models`` seeded random subsets of ``round(fraction * K)`` groups each (at least one in, one out)."""
+    """``num_models`` distinct seeded random subsets of ``round(fraction * K)`` groups each (at least one in,
+    one out); every such subset when there are no more than ``num_models`` of them (same init, same order
+    and same groups give the same model, so a repeat would add nothing)."""
+    groups = list(groups)
     size = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+    if math.comb(len(groups), size) <= num_models:
+        return [list(c) for c in itertools.combinations(groups, size)]
     rng = random.Random(f"lds:{seed}")
-    return [sorted(rng.sample(list(groups), size), key=list(groups).index) for _ in range(num_models)]
+    chosen: list[list[str]] = []
+    while len(chosen) < num_models:
+        subset = sorted(rng.sample(groups, size), key=groups.index)
+        if subset not in chosen:
+            chosen.append(subset)
+    return chosen
 
 
 def train_lds_models(lm, init_state: dict, train_corpus: TokenizedCorpus, query_corpus: TokenizedCorpus, query_groups: Sequence[str],
@@ -127,7 +139,7 @@ def train_lds_models(lm, init_state: dict, train_corpus: TokenizedCorpus, query_
         per_query = example_losses(lm.net, query_corpus.examples, lm.tokenizer.pad_token_id, eval_batch_size).double()
         included.append(chosen)
         losses.append([float(per_query[members[s]].mean()) for s in subsets])
-    record = {"groups": groups, "subsets": subsets, "included": included, "losses": losses,
+    record = {"groups": groups, "subsets": subsets, "included": included, "losses": losses, "requested": protocol.lds_models,
               "fit": {"max_steps": fit_spec.max_steps, "batch_size": fit_spec.batch_size, "order_seed": fit_spec.order_seed}}
     write_json_atomic(path, record)
     return record

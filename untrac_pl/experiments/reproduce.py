@@ -67,7 +67,7 @@ from untrac_pl.optim import OptimizerSpec
 from untrac_pl.resume import fingerprint_diff, score_trainer_settings
 from untrac_pl.runtime import json_safe, machine_facts, versions
 from untrac_pl.scores import ScoreTable
-from untrac_pl.training import FitSpec, fit_lm
+from untrac_pl.training import FitSpec, fit_lm, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,8 @@ def shared_fingerprint(cfg: ReproduceConfig, setting: str, trainer_kwargs: dict)
     full = json_safe(asdict(cfg))
     shared = {key: full[key] for key in SHARED_FIELDS}
     shared["setting"] = setting
+    if cfg.protocol.batch_orders is not None:  # the ground truth is their mean (older folders: one order, seeded by the seed)
+        shared["batch_orders"] = list(cfg.protocol.batch_orders)
     shared["trainer"] = score_trainer_settings(trainer_kwargs, SHARED_TRAINER_KEYS)
     return json.loads(json.dumps(shared, sort_keys=True, default=str))
 
@@ -304,10 +306,24 @@ def _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus
         runs.update(info if i == 0 else {f"{k}{suffix}": v for k, v in info.items()})
     gt = tables[0] if len(tables) == 1 else mean_ground_truth(tables)
     gt.metadata["batch_orders"] = orders
-    if cfg.protocol.lds_models:
-        train_lds_models(lm, init_state, train_corpus, query_corpus, query_groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed,
-                         trainer_kwargs, cfg.eval_batch_size, seed_dir / LDS_FILE)
     return gt, runs
+
+
+def lds_done(cfg: ReproduceConfig, seed_dir: Path) -> bool:
+    """Whether ``seed_dir`` has the LDS models ``protocol.lds_models`` asks for (none asked: done)."""
+    if not cfg.protocol.lds_models:
+        return True
+    path = seed_dir / LDS_FILE
+    return path.exists() and json.loads(path.read_text()).get("requested") == cfg.protocol.lds_models
+
+
+def _held_out_curve(net, checkpoints: list[dict], query_corpus, pad: int, batch_size: int) -> list[list[float]]:
+    """θ0's mean test loss at each saved checkpoint ``[[step, loss], ...]``: whether training had plateaued."""
+    curve = []
+    for c in checkpoints:
+        load_weights(net, c["path"])
+        curve.append([c["step"], float(example_losses(net, query_corpus.examples, pad, batch_size).mean())])
+    return curve
 
 
 def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: list[MethodSpec], seed_dir: Path, trainer_kwargs: dict, data: Optional[dict] = None, reuse: bool = False, may_fail: tuple = ()) -> dict:
@@ -350,6 +366,8 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     theta0_run = fit_lm(lm, train_corpus, replace(fit_spec, order_seed=orders[0]), trainer_kwargs, logger=_tb_logger(cfg, setting, seed, "full"), checkpoint_dir=ckpt_dir)
     theta0 = copy.deepcopy(net.state_dict())
     base = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
+    theta0_run["held_out_curve"] = _held_out_curve(net, theta0_run["checkpoints"], query_corpus, tokenizer.pad_token_id, cfg.eval_batch_size)
+    net.load_state_dict(theta0)
     timings["fit_theta0_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -366,6 +384,11 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     else:
         gt, runs = _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir)
         timings["ground_truth_s"] = time.perf_counter() - t2
+    if not lds_done(cfg, seed_dir):  # also on resume: LDS models added to a finished reproduction
+        t3 = time.perf_counter()
+        train_lds_models(lm, init_state, train_corpus, query_corpus, query_groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed,
+                         trainer_kwargs, cfg.eval_batch_size, seed_dir / LDS_FILE)
+        timings["lds_s"] = time.perf_counter() - t3
     baseline = unigram_baseline(train_corpus, query_corpus, len(tokenizer))
     gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean()), "unigram": baseline,
                         "shared_config": shared_fingerprint(cfg, setting, trainer_kwargs)})
@@ -403,7 +426,8 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     return {
         "timings": timings,
         "failed_methods": failed_methods,
-        "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean()), "unigram": baseline},
+        "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean()),
+                   "unigram": baseline, "held_out_curve": theta0_run["held_out_curve"]},
         "retrain_steps": {k: v["steps"] for k, v in runs.items()} or {g: cfg.fit.max_steps for g in train_corpus.group_members()},
         "num_train_examples": len(train_records),
         "num_train_per_group": {g: len(ix) for g, ix in train_corpus.group_members().items()},
@@ -468,7 +492,7 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
                 if cfg.resume:
                     check_resumable(seed_dir, shared_fingerprint(cfg, setting, trainer_kwargs), methods)
                 files = method_files(cfg, seed, seed_dir, methods)
-                done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all(f.exists() for f in files)
+                done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all(f.exists() for f in files) and lds_done(cfg, seed_dir)
                 if cfg.resume and done:
                     print(f"[reproduce] {setting} seed {seed}: already done, skipped", flush=True)
                 else:
@@ -494,23 +518,38 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
         result["statistics"] = setting_statistics(scores_root / setting, [m.key for m in methods], cfg.protocol.bootstrap_resamples,
                                                   cfg.protocol.permutations, pairs)
     wall = time.perf_counter() - started
+    history_path = out_dir / "invocations.json"
+    history = json.loads(history_path.read_text()) if (cfg.resume or cfg.evaluate_only) and history_path.exists() else []
+    history.append({"command": command, "wall_seconds": wall, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "evaluate_only": cfg.evaluate_only})
+    write_json_atomic(history_path, history)
     extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions(),
-             "machine": machine_facts(), "float_noise_runs": noise, "curves": curve_info}
-    notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall)
+             "machine": machine_facts(), "float_noise_runs": noise, "curves": curve_info, "invocations": history}
+    notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall, history)
     return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in main_methods],
                         sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures, curves=curve_info)
 
 
-def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float) -> str:
-    lines = [f"Run facts: seeds {seeds_of(cfg)}, settings {settings_of(cfg)}; θ0 and every leave-group-out model: "
+def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float, history: Optional[list] = None) -> str:
+    m = machine_facts()
+    lines = []
+    if history and len(history) > 1:
+        lines += ["Invocations that wrote this folder (each resumed the one before):", ""]
+        lines += [f"{i}. `{h['command']}` — {h['wall_seconds'] / 60:.1f} min wall" + (" (evaluation only)" if h.get("evaluate_only") else "")
+                  for i, h in enumerate(history, 1)]
+        lines += [""]
+    lines += [f"Machine: {m['cpu']} ({m['cpus']} CPUs; flags {', '.join(m['cpu_flags']) or 'none of avx2/avx512'}); {m['platform']}.", ""]
+    lines += [f"Run facts: seeds {seeds_of(cfg)}, settings {settings_of(cfg)}; θ0 and every leave-group-out model: "
              f"{cfg.fit.max_steps} steps of batch {cfg.fit.batch_size} ({cfg.lm.optimizer.name}, lr {cfg.lm.optimizer.lr:g}, {cfg.lm.lr_schedule}); "
              f"model {cfg.model.config or cfg.model.name_or_path}; wall time of this invocation {wall / 60:.1f} min "
              f"(torch threads: {torch.get_num_threads()})."]
     for setting, seeds in runs.items():
         for seed, info in seeds.items():
             t = info["timings"]
+            curve = info["theta0"].get("held_out_curve") or []
             lines.append(f"- `{setting}` {seed}: θ0 final train loss {info['theta0']['final_train_loss']:.3f}, mean test loss "
-                         f"{info['theta0']['mean_query_loss']:.3f}; {info['num_train_examples']} training sequences; total {t['total_s']:.0f} s")
+                         f"{info['theta0']['mean_query_loss']:.3f}" + (" (by step: " + ", ".join(f"{int(s)}: {v:.3f}" for s, v in curve) + ")" if curve else "")
+                         + f"; {info['num_train_examples']} training sequences; total {t['total_s']:.0f} s")
             if info.get("failed_methods"):
                 lines.append(f"  - diverged (non-finite ascent loss; no score file, `n/a` in the tables): {', '.join(sorted(info['failed_methods']))}")
     return "\n".join(lines)
