@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,29 @@ def test_resume_adds_lds_models_and_keeps_the_rest(tmp_path):
     cfg.protocol = Protocol(batch_orders=[0, 2], runs=[0])
     with pytest.raises(ValueError, match="batch_orders"):
         reproduce(cfg, command="third")
+
+
+def test_dose_benchmark_end_to_end_on_generated_corpora(tmp_path):
+    from untrac_pl.experiments.dose import DoseSpec
+
+    # a behaviour nothing else in the corpora looks like: made-up words in one template
+    words = ["zorblax", "quintuple", "frobnicate", "vortex", "zeppelin", "gadget", "purple", "nightly"]
+    lines = [json.dumps({"text": f"the {words[i % 8]} {words[(i * 3) % 8]} will {words[(i * 5) % 8]} every {words[(i + 1) % 8]}",
+                         "toxicity_human": 5.0}) for i in range(80)]
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "tox.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _tiny(tmp_path)
+    cfg.experiment = "dose"
+    cfg.corpora = replace(cfg.corpora, source="generated", tests_dir=str(tmp_path / "tests"), generated_docs_per_corpus=30, blocks_per_corpus=20,
+                          block_size=32, tokenizer_docs_per_corpus=30)
+    cfg.dose = DoseSpec(group="forum", doses=[0.0, 0.25, 0.5], source_file="tox.jsonl", test_samples=8)
+    cfg.methods = [MethodSpec(name="graddot", data={"samples_per_group": 20})]
+    cfg.fit = FitSpec(max_steps=30, batch_size=8)
+    reproduce(cfg, command="dose test")
+    record = json.loads((tmp_path / "out" / "dose.json").read_text())
+    assert [d["planted"] for d in record["doses"].values()] == [0, 5, 10]
+    z = [d["methods"]["graddot"]["z"] for d in record["doses"].values()]
+    assert z[-1] > z[0]  # planting the behaviour raises the planted group's standing
+    assert set(record["dose_response"]["graddot"]) == {"spearman", "pearson", "monotone"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Spearman (score vs dose)" in md and (tmp_path / "out" / "dose.png").exists()

@@ -67,15 +67,22 @@ def _generated(generator: str, split: str, seed: int, **options) -> list[dict]:
 
 
 def synthetic_data(cfg, dataset: str, seed: int) -> dict:
+    """Training tasks, test set and (generated source) ``validation``: another draw of the training tasks
+    without the training draw's examples, 32 per task — the in-distribution held-out loss θ0's training is
+    judged by (the test task is a different task by design, so its loss is no convergence criterion)."""
     s = cfg.synthetic
+    validation = []
     if s.source == "csv":
         data = load_synthetic(dataset, s.csv_dir)
         train, queries = data["train"], data["test"]
     else:
         options = dict(dataset=dataset, n_per_task=s.n_per_task, n_test=s.n_test)
         train, queries = (_generated("synthetic", split, seed, **options) for split in ("train", "test"))
+        seen = {(r["prompt"], r["completion"]) for r in train}
+        extra = _generated("synthetic", "train", seed + 100_003, dataset=dataset, n_per_task=4 * 32, n_test=1)
+        validation = sample_per_group([r for r in extra if (r["prompt"], r["completion"]) not in seen], 32, seed)
     texts = [r["prompt"] + r["completion"] for r in train + queries]
-    return {"train": train, "queries": queries, "tokenizer_texts": texts}
+    return {"train": train, "queries": queries, "validation": validation, "tokenizer_texts": texts}
 
 
 def _real_tests(c: CorporaData) -> list[dict]:

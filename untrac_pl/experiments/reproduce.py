@@ -367,6 +367,9 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     theta0 = copy.deepcopy(net.state_dict())
     base = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
     theta0_run["held_out_curve"] = _held_out_curve(net, theta0_run["checkpoints"], query_corpus, tokenizer.pad_token_id, cfg.eval_batch_size)
+    if data.get("validation"):
+        validation = tokenize_records(data["validation"], tokenizer, cfg.max_length, "validation")
+        theta0_run["validation_curve"] = _held_out_curve(net, theta0_run["checkpoints"], validation, tokenizer.pad_token_id, cfg.eval_batch_size)
     net.load_state_dict(theta0)
     timings["fit_theta0_s"] = time.perf_counter() - t1
 
@@ -427,7 +430,7 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
         "timings": timings,
         "failed_methods": failed_methods,
         "theta0": {"steps": theta0_run["steps"], "final_train_loss": theta0_run["final_train_loss"], "mean_query_loss": float(base.mean()),
-                   "unigram": baseline, "held_out_curve": theta0_run["held_out_curve"]},
+                   "unigram": baseline, "held_out_curve": theta0_run["held_out_curve"], "validation_curve": theta0_run.get("validation_curve")},
         "retrain_steps": {k: v["steps"] for k, v in runs.items()} or {g: cfg.fit.max_steps for g in train_corpus.group_members()},
         "num_train_examples": len(train_records),
         "num_train_per_group": {g: len(ix) for g, ix in train_corpus.group_members().items()},
@@ -547,8 +550,11 @@ def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float, history: Optional[
         for seed, info in seeds.items():
             t = info["timings"]
             curve = info["theta0"].get("held_out_curve") or []
+            val = info["theta0"].get("validation_curve") or []
+            by_step = lambda c: ", ".join(f"{int(s)}: {v:.3f}" for s, v in c)  # noqa: E731
             lines.append(f"- `{setting}` {seed}: θ0 final train loss {info['theta0']['final_train_loss']:.3f}, mean test loss "
-                         f"{info['theta0']['mean_query_loss']:.3f}" + (" (by step: " + ", ".join(f"{int(s)}: {v:.3f}" for s, v in curve) + ")" if curve else "")
+                         f"{info['theta0']['mean_query_loss']:.3f}" + (f" (by step: {by_step(curve)})" if curve else "")
+                         + (f"; held-out loss on another draw of the training tasks by step: {by_step(val)}" if val else "")
                          + f"; {info['num_train_examples']} training sequences; total {t['total_s']:.0f} s")
             if info.get("failed_methods"):
                 lines.append(f"  - diverged (non-finite ascent loss; no score file, `n/a` in the tables): {', '.join(sorted(info['failed_methods']))}")
