@@ -3,7 +3,7 @@
 One module per command, ``untrac_pl/cli/<command>.py``, each with ``main(argv) -> int`` and its config
 classes; ``untrac-pl <command> --print_config`` shows every option with its default. ``attribute`` and
 ``fit`` are LightningCLIs (a LightningModule, a LightningDataModule and the ``trainer:`` arguments, which
-go to the engine's own Trainers), ``reproduce``, ``toxicity`` and ``scaling`` plain typed jsonargparse
+go to the engine's own Trainers), ``reproduce``, ``toxicity``, ``scaling`` and ``planted`` plain typed jsonargparse
 parsers. This root parser imports neither torch nor Lightning (``untrac-pl --help`` and ``--version``
 answer at once); a command's module is imported when the command runs.
 """
@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "reproduce": "Reproduce the paper end to end: train, leave-group-out GT, UnTrac(-Inv), correlations, report.",
     "toxicity": "Generate from toxicity prompts and attribute each completion (the seed's experiment).",
     "scaling": "Run the same attribution across model sizes; record parameters, runtime and peak memory.",
+    "planted": "Fine-tune a pretrained LM with a planted toxic corpus; attribute its completions with every method.",
 }
 
 #: the LightningCLI commands, whose keys are the CLI vocabulary's (untrac_pl.vocabulary.CLI: model.model.*, attribution.*)

@@ -94,7 +94,7 @@ class ToxicityExperimentConfig:
         min_train_chars / max_train_chars: the seed's filter of Hub texts (> 50 chars, cut to 1,000).
         model: a full ModelSpec instead of ``UnTracConfig.model_name`` (e.g. a tiny random config).
         attribute: ``completion`` (loss on the generated tokens only) or ``full`` (prompt + completion).
-        toxicity_classifier: ``auto`` (detoxify if importable and loadable, else none), ``detoxify``,
+        toxicity_classifier: ``auto`` (alt-profanity-check if installed, else detoxify if importable and loadable, else none), ``alt-profanity-check``, ``detoxify``,
             ``none``, or a local directory / Hub id of a transformers sequence-classification model.
         toxicity_label: that model's label to read (default: the label whose name says toxic).
         snippet_chars: training texts are cut to this many characters in the JSON (the seed: 200).
@@ -141,6 +141,15 @@ def load_toxicity_scorer(spec: Optional[str], label: Optional[str] = None, devic
     if spec is None or str(spec).lower() in ("none", "off", "null", "false"):
         return None, {"name": None, "reason": "disabled in the config"}
     spec = str(spec)
+    if spec.lower() in ("auto", "profanity-check", "alt-profanity-check"):
+        try:
+            from profanity_check import predict_prob  # optional (alt-profanity-check ships its model in the wheel)
+        except ImportError:
+            if spec.lower() != "auto":
+                raise DataError("toxicity_classifier: alt-profanity-check is not installed (pip install alt-profanity-check)",
+                                field="toxicity_classifier") from None
+        else:
+            return (lambda texts: [float(x) for x in predict_prob(list(texts))]), {"name": "alt-profanity-check", "label": "profanity"}
     if spec.lower() in ("auto", "detoxify"):
         try:
             from detoxify import Detoxify  # optional, never installed by this package
@@ -193,6 +202,32 @@ def _hf_classifier(path: str, label: Optional[str], device: str):
         return out
 
     return score, {"name": str(path), "label": id2label[index]}
+
+
+def sample_completion(model, tokenizer, prompt: str, gen: GenerationConfig, seed: int, context: int, device=None,
+                      max_length: Optional[int] = None) -> str:
+    """One continuation of ``prompt`` (the generated text only), sampled with ``seed`` in a forked RNG (the
+    global RNG state is left as it was, and completions do not depend on the order prompts come in).
+    ``max_length`` (prompt + completion tokens) overrides ``gen.max_new_tokens``; ``context`` caps both."""
+    device = torch.device(device or "cpu")
+    model.eval()
+    enc = tokenizer(prompt, return_tensors="pt")
+    input_ids = enc["input_ids"].to(device)
+    if input_ids.shape[1] == 0:
+        raise DataError("the prompt encodes to no tokens", field="prompt")
+    new_tokens = gen.max_new_tokens if max_length is None else max(1, max_length - input_ids.shape[1])
+    new_tokens = max(1, min(new_tokens, context - input_ids.shape[1]))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=min(gen.min_new_tokens, new_tokens), do_sample=gen.do_sample,
+                  pad_token_id=tokenizer.pad_token_id)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    if gen.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = gen.repetition_penalty
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device), **kwargs)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,29 +381,9 @@ class ToxicityAttributionExperiment:
         """
         est, gen = self.estimator, self.experiment.generation
         est._to_device()
-        est.model.eval()
-        enc = est.tokenizer(prompt, return_tensors="pt")
-        input_ids = enc["input_ids"].to(est.device)
-        if input_ids.shape[1] == 0:
-            raise DataError("the prompt encodes to no tokens", field="prompt")
-        context = est._max_length()
-        new_tokens = gen.max_new_tokens if max_length is None else max(1, max_length - input_ids.shape[1])
-        new_tokens = max(1, min(new_tokens, context - input_ids.shape[1]))
-        kwargs = dict(
-            max_new_tokens=new_tokens,
-            min_new_tokens=min(gen.min_new_tokens, new_tokens),
-            do_sample=gen.do_sample,
-            pad_token_id=est.tokenizer.pad_token_id,
-        )
-        if gen.do_sample:
-            kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
-        if gen.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = gen.repetition_penalty
-        devices = [est.device] if est.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(self.config.seed if seed is None else seed)
-            out = est.model.generate(input_ids=input_ids, attention_mask=enc["attention_mask"].to(est.device), **kwargs)
-        return est.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        new_tokens = None if max_length is None else max_length  # prompt + completion tokens, the seed's argument
+        return sample_completion(est.model, est.tokenizer, prompt, gen, self.config.seed if seed is None else seed,
+                                 context=est._max_length(), device=est.device, max_length=new_tokens)
 
     # -- the run ---------------------------------------------------------------------------------
     def run_experiment(self) -> dict:
