@@ -157,7 +157,7 @@ def test_root_help_lists_every_command_without_importing_torch():
         f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
         "print(buf.getvalue())\n").stdout
-    assert set(COMMANDS) == {"attribute", "fit", "reproduce", "toxicity", "scaling"}
+    assert set(COMMANDS) == {"attribute", "fit", "reproduce", "toxicity", "scaling", "planted"}
     for name, description in COMMANDS.items():
         assert re.search(rf"^  {name}\s+{re.escape(description)}$", out, re.M), name
 

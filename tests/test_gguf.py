@@ -113,7 +113,7 @@ def test_gguf_file_relative_to_name_or_path_and_inside_a_package(tiny_gguf, tmp_
     rel = converted_folder(tiny_gguf.name, name_or_path=str(tiny_gguf.parent), cache_dir=str(tmp_path / "c"))
     package = tmp_path / "pkgs" / "fake_gguf_pkg"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("raise ImportError('needs a package --no-deps left out')")  # never imported
     (package / "m.gguf").write_bytes(tiny_gguf.read_bytes())
     monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
     importlib.invalidate_caches()

