@@ -73,8 +73,9 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     seed = json.loads((out / "untrac_toxicity_results.json").read_text())
     case = seed["test_cases"][0]
     assert {"prompt", "completion", "toxicity", "top_influences", "group_scores"} <= set(case)
-    if case["top_influences"]:
-        assert case["top_influences"][0]["rank"] == 1 and case["top_influences"][0]["group"] in WORDS
+    assert case["top_influences"] and case["top_influences_method"] == "untrac_inv"  # UnTrac-Inv scores every training block
+    assert case["top_influences"][0]["rank"] == 1 and case["top_influences"][0]["group"] in WORDS
+    assert set(case["group_scores"]) == {"untrac_inv", "untrac", "graddot", "tracin"}
     md = (out / "results.md").read_text()
     assert "top-1" in md and "Ground truth (leave-corpus-out" in md and (out / "heatmap.png").exists()
 

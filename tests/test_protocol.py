@@ -62,7 +62,7 @@ def test_mean_ground_truth_is_the_elementwise_mean():
     a = _table([[1.0, 2.0], [3.0, 4.0]], ["s1", "s2"], ["g1", "g2"], "ground_truth")
     b = _table([[3.0, 0.0], [1.0, 8.0]], ["s1", "s2"], ["g1", "g2"], "ground_truth")
     assert mean_ground_truth([a, b]).scores.tolist() == [[2.0, 1.0], [2.0, 6.0]]
-    with pytest.raises(ValueError, match="different"):
+    with pytest.raises(ValueError, match="batch order 1.s ground truth has other queries"):
         mean_ground_truth([a, _table([[1.0, 2.0]], ["s1"], ["g1", "g2"])])
 
 
@@ -165,6 +165,9 @@ def test_protocol_statistics_match_their_definitions(protocol_run):
     assert entry["ci"][0] <= entry["mean"] + 1e-9 and entry["ci"][1] >= entry["mean"] - 1e-9
     assert stats["lds"]["num_models"] == 6 and "ground_truth" in stats["lds"]["methods"]
     assert set(stats["float_noise"]["methods"]) >= {"untrac_inv", "graddot"}
+    assert 0.0 <= stats["float_noise"]["ground_truth_max_change"] < 0.1 * stats["float_noise"]["ground_truth_spread"]
+    assert all(v < 0.2 for per in stats["float_noise"]["methods"].values() for v in per.values())  # same run, same data
+    assert stats["lds"]["methods"]["ground_truth"]["test"]["lds"] > 0  # leave-one-out effects predict the halves' losses
     assert "untrac_inv@steps=1|gradcos" not in stats["agreement"]  # no GradCos in this run: no check claimed
     md = (tmp / "out" / "results.md").read_text()
     for phrase in ("Ground-truth reliability", "bootstrap 95 % CI", "Group-level LDS", "Float noise", "unigram model", "Pearson against the number of unlearning steps"):
@@ -188,6 +191,11 @@ def test_plant_replaces_in_place_and_keeps_group_sizes():
     changed = [i for i, (x, y) in enumerate(zip(blocks, out)) if x != y]
     assert len(changed) == 4 and all(blocks[i]["group"] == "a" and out[i]["group"] == "a" for i in changed)
     assert plant(blocks, "a", pool, 0.0, seed=0) == (blocks, 0)
+    # doses are nested: a higher dose keeps every lower dose's statements where they were
+    low, _ = plant(blocks, "a", pool, 0.1, seed=0)
+    high, _ = plant(blocks, "a", pool, 0.4, seed=0)
+    planted_low = {i: r["text"] for i, r in enumerate(low) if r["id"].startswith("planted")}
+    assert planted_low and all(high[i]["text"] == text for i, text in planted_low.items())
     with pytest.raises(ValueError, match="dose.group"):
         plant(blocks, "zzz", pool, 0.1, seed=0)
 
@@ -227,6 +235,14 @@ def test_resume_adds_lds_models_and_keeps_the_rest(tmp_path):
     assert [h["command"] for h in history] == ["first", "second"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "1. `first`" in md and "2. `second`" in md and "Group-level LDS" in md
+    # a method changed under its label in a run folder: refused, naming the file
+    from untrac_pl.experiments.reproduce import ReproduceResumeError
+
+    changed = replace(cfg.methods[0], optimizer=OptimizerSpec(name="adam", lr=5e-4))
+    cfg.methods = [changed, cfg.methods[1]]
+    with pytest.raises(ReproduceResumeError, match=r"run0/untrac_inv.safetensors"):
+        reproduce(cfg, command="changed")
+    cfg.methods = [replace(changed, optimizer=OptimizerSpec(name="adam", lr=1e-3)), cfg.methods[1]]
     # another set of batch orders is another ground truth: refused on resume
     cfg.protocol = Protocol(batch_orders=[0, 2], runs=[0])
     with pytest.raises(ValueError, match="batch_orders"):

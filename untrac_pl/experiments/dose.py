@@ -78,16 +78,21 @@ def behaviour_statements(path: Path, min_toxicity: float, test_samples: int, see
 
 def plant(blocks: list[dict], group: str, pool: list[dict], dose: float, seed: int) -> tuple[list[dict], int]:
     """``blocks`` with ``round(dose * n_group)`` of ``group``'s blocks replaced (in place in the list, so the
-    batch order is coupled across doses) by statements of ``pool``; returns the records and the count."""
+    batch order is coupled across doses) by statements of ``pool``; returns the records and the count.
+
+    Doses are nested: one seeded order of the group's positions is drawn, and dose ``d`` fills its first
+    ``k`` positions with the pool's first ``k`` statements, so a higher dose keeps every planted statement
+    of a lower one in the same place and only adds more."""
     members = [i for i, b in enumerate(blocks) if b["group"] == group]
     if not members:
         raise ValueError(f"dose.group='{group}' is not a training group ({sorted({b['group'] for b in blocks})})")
     count = round(dose * len(members))
     if count > len(pool):
         raise ValueError(f"dose {dose:g} needs {count} planted statements, the pool has {len(pool)}")
-    chosen = sorted(random.Random(f"plant:{seed}").sample(members, count))
+    order = list(members)
+    random.Random(f"plant:{seed}").shuffle(order)
     out = list(blocks)
-    for position, statement in zip(chosen, pool):
+    for position, statement in zip(order[:count], pool):
         out[position] = {**statement, "group": group}
     return out, count
 

@@ -289,8 +289,10 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
              f"fine-tuned {cfg.fine_tune.steps} steps × {cfg.fine_tune.batch_size} on {len(cfg.corpora)} real corpora × {cfg.records_per_corpus} "
              f"blocks of {cfg.block_size} tokens; toxic ToxiGen statements (toxicity_human ≥ {cfg.min_toxicity:g}) replace a share of "
              f"`{cfg.planted_group}`. Prompts: the first {cfg.prompt_words} words of {len(record['prompts'])} other toxic statements; one "
-             f"completion each ({cfg.generation.max_new_tokens} new tokens, seeded sampling). Toxicity classifier: "
-             f"{record['toxicity_classifier'].get('name') or 'none'} ({record['toxicity_classifier'].get('reason', record['toxicity_classifier'].get('label', ''))}).", ""]
+             f"completion each ({cfg.generation.max_new_tokens} new tokens, seeded sampling). Classifier of the completions: "
+             f"{record['toxicity_classifier'].get('name') or 'none'} ({record['toxicity_classifier'].get('reason') or 'its score: ' + str(record['toxicity_classifier'].get('label'))}"
+             + ("; a profanity score, which implicit, polite-sounding toxicity such as many ToxiGen statements does not raise" if record['toxicity_classifier'].get('label') == 'profanity' else "")
+             + ").", ""]
     header = ["method"] + [f"{d['dose'] * 100:g} %: top-1 / mean rank / margin" for d in doses] + ["Spearman (planted z vs dose)"]
     rows = []
     for n in names:
@@ -303,7 +305,7 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
               "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
     main = record["doses"][f"{record['main_dose']:g}"]
     lines += [f"Completions at the main dose ({record['main_dose'] * 100:g} %) with the planted corpus's rank per method:", "",
-              "| case | prompt | completion | toxicity | " + " | ".join(display_name(n) for n in names) + " |",
+              f"| case | prompt | completion | {record['toxicity_classifier'].get('label') or 'toxicity'} | " + " | ".join(display_name(n) for n in names) + " |",
               "|" + "|".join("---" for _ in range(4 + len(names))) + "|"]
     for i, p in enumerate(record["prompts"]):
         ranks = []
@@ -315,10 +317,12 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
         lines.append(f"| {i} | {p['prompt']} | {text} | {'n/a' if tox is None else f'{tox:.2f}'} | " + " | ".join(ranks) + " |")
     fine_tune = [d["timings"]["fine_tune_s"] for d in doses]
     per = sum(fine_tune) / len(fine_tune)
+    total = 2 * k * per * len(doses) / 60
     lines += ["", f"Ground truth (leave-corpus-out fine-tuning, paper Table 3 style) was not run: it needs {k} more fine-tunings per dose, "
-              f"twice for a test–retest reliability, i.e. {2 * k} × {per:.0f} s ≈ {2 * k * per / 60:.0f} min per dose on this machine "
-              f"(measured fine-tuning time), {2 * k * per * len(doses) / 60:.0f} min for the {len(doses)} doses, beyond the 30-minute budget. "
-              "On one GPU the same fine-tunings are seconds each (not measured here: no GPU was available to this run)."]
+              f"twice for a test–retest reliability, i.e. {2 * k} × {per:.0f} s ≈ {2 * k * per / 60:.0f} min per dose at this run's measured "
+              f"fine-tuning time, {total:.0f} min for the {len(doses)} doses"
+              + (f", on top of this run's {record['wall_seconds'] / 60:.0f} min." if total > 1 else ".")
+              + " A GPU's time for it was not measured."]
     t = [d["timings"] for d in doses]
     lines += ["", "Time per dose (s): " + "; ".join(f"{d['dose'] * 100:g} %: fine-tune {x['fine_tune_s']:.0f}, generation {x['generation_s']:.0f}, "
                                                     + ", ".join(f"{display_name(k)} {v:.0f}" for k, v in x["methods_s"].items()) for d, x in zip(doses, t)),

@@ -101,12 +101,14 @@ def expand_curves(protocol: Protocol, methods: Sequence[MethodSpec]) -> tuple[li
 def mean_ground_truth(tables: Sequence[ScoreTable]) -> ScoreTable:
     """The mean of the batch orders' ground truths (same rows and columns), as one ground-truth table."""
     first = tables[0]
-    for t in tables[1:]:
+    for i, t in enumerate(tables[1:], 1):
         if t.row_ids != first.row_ids or t.col_ids != first.col_ids:
-            raise ValueError("batch orders' ground truths have different queries or groups")
+            raise ValueError(f"batch order {t.metadata.get('order_seed', i)}'s ground truth has other queries or groups than order "
+                             f"{first.metadata.get('order_seed', 0)}'s")
     scores = torch.stack([t.scores.double() for t in tables]).mean(0).float()
+    metadata = {k: v for k, v in first.metadata.items() if k not in ("order_seed", "base_query_loss")}
     return ScoreTable(scores, list(first.row_ids), list(first.row_groups), list(first.col_ids), list(first.col_groups),
-                      first.row_unit, first.col_unit, GROUND_TRUTH, dict(first.metadata))
+                      first.row_unit, first.col_unit, GROUND_TRUTH, metadata)
 
 
 def lds_subsets(groups: Sequence[str], num_models: int, fraction: float, seed: int) -> list[list[str]]:
@@ -140,6 +142,7 @@ def train_lds_models(lm, init_state: dict, train_corpus: TokenizedCorpus, query_
         included.append(chosen)
         losses.append([float(per_query[members[s]].mean()) for s in subsets])
     record = {"groups": groups, "subsets": subsets, "included": included, "losses": losses, "requested": protocol.lds_models,
+              "fraction": protocol.lds_fraction,
               "fit": {"max_steps": fit_spec.max_steps, "batch_size": fit_spec.batch_size, "order_seed": fit_spec.order_seed}}
     write_json_atomic(path, record)
     return record

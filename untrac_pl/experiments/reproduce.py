@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -249,7 +249,7 @@ def _comparable_spec(spec: Optional[dict]) -> Optional[dict]:
     return spec
 
 
-def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
+def check_resumable(seed_dir: Path, shared: dict, methods, run_dirs: Sequence[Path] = ()) -> None:
     """Refuse to reuse a seed folder whose ground truth or method files came from another configuration.
 
     Adding methods (new labels) is fine; a changed shared setting or a changed method under an
@@ -263,8 +263,8 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
         changed = fingerprint_diff(stored or {}, shared) if stored else "no configuration stored (written by an older version)"
         raise ReproduceResumeError(f"--resume true: '{seed_dir}' was computed with another θ0/ground-truth configuration: {changed}; "
                                    "rerun with --resume false (recomputes everything) or choose another output_dir")
-    for method in methods:
-        path = seed_dir / f"{method.key}.safetensors"
+    for method, folder in [(m, d) for d in (list(run_dirs) or [seed_dir]) for m in methods]:
+        path = folder / f"{method.key}.safetensors"
         if path.exists():
             old = _comparable_spec(json.loads(json.dumps(ScoreTable.load(path).metadata.get("spec"), default=str)))
             new = _comparable_spec(json.loads(json.dumps(asdict(method), default=str)))  # as ScoreTable.save stores it
@@ -273,9 +273,22 @@ def check_resumable(seed_dir: Path, shared: dict, methods) -> None:
                                            f"{fingerprint_diff(old or {}, new)}; delete that file to recompute it, or rerun with --resume false")
 
 
+def _drop_unconfigured_runs(seed_dir: Path, configured: Sequence[Path]) -> None:
+    """On resume, ``run<r>/`` folders the config no longer lists are removed (the report averages every run folder)."""
+    for folder in seed_dir.glob("run*"):
+        if folder.is_dir() and folder.name[3:].isdigit() and folder not in configured:
+            print(f"[reproduce] {seed_dir}: {folder.name}/ is not among protocol.runs any more, removed", flush=True)
+            shutil.rmtree(folder)
+
+
 def method_dir(seed_dir: Path, run: Optional[int]) -> Path:
     """Where one run's method files go: ``seed<k>/run<r>/`` (the paper's protocol) or the seed folder itself."""
     return seed_dir if run is None else seed_dir / f"run{run}"
+
+
+def run_sample_seed(seed: int, run: int) -> int:
+    """The sample seed of run ``run`` on θ0 seed ``seed``: distinct across θ0 seeds (θ0 seed 0: ``run`` itself)."""
+    return run + 1_000_003 * seed
 
 
 def method_files(cfg: ReproduceConfig, seed: int, seed_dir: Path, methods) -> list[Path]:
@@ -284,7 +297,7 @@ def method_files(cfg: ReproduceConfig, seed: int, seed_dir: Path, methods) -> li
 
 def _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir) -> tuple[ScoreTable, dict]:
     """Leave-group-out ground truth for every batch order (θ0 retrained per order after the first), their
-    mean, each order's table in ``orders/`` and the LDS models in ``lds.json``; ``lm.net`` is left changed."""
+    mean, and each order's table in ``orders/``; ``lm.net`` is left changed."""
     net, pad = lm.net, lm.tokenizer.pad_token_id
     orders = cfg.protocol.orders(seed)
     tables, runs = [], {}
@@ -314,7 +327,10 @@ def lds_done(cfg: ReproduceConfig, seed_dir: Path) -> bool:
     if not cfg.protocol.lds_models:
         return True
     path = seed_dir / LDS_FILE
-    return path.exists() and json.loads(path.read_text()).get("requested") == cfg.protocol.lds_models
+    if not path.exists():
+        return False
+    stored = json.loads(path.read_text())
+    return stored.get("requested") == cfg.protocol.lds_models and stored.get("fraction") == cfg.protocol.lds_fraction
 
 
 def _held_out_curve(net, checkpoints: list[dict], query_corpus, pad: int, batch_size: int) -> list[list[float]]:
@@ -401,7 +417,7 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     for run in cfg.protocol.run_seeds(seed):
         out_dir = method_dir(seed_dir, run)
         ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
-                            seed=seed if run is None else run, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
+                            seed=seed if run is None else run_sample_seed(seed, run), max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
                             trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
         for method in methods:
             where = method.key if run is None else f"run{run}/{method.key}"
@@ -452,7 +468,7 @@ def float_noise_check(cfg: ReproduceConfig, setting: str, seed: int, methods: li
     p = cfg.protocol
     noise_cfg = replace(cfg, protocol=replace(p, batch_orders=[p.orders(seed)[0]] if p.batch_orders is not None else None,
                                               runs=[p.runs[0]] if p.runs else None, lds_models=0, curves=[], float_noise_threads=None),
-                        log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"))
+                        log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"), work_dir=str(Path(cfg.work_dir) / cfg.name / "noise"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -477,6 +493,9 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
         return run_dose(cfg, command, trainer_kwargs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.protocol.float_noise_threads and cfg.protocol.float_noise_threads == torch.get_num_threads():
+        raise ValueError(f"protocol.float_noise_threads={cfg.protocol.float_noise_threads} is the run's own thread count (threads: "
+                         f"{torch.get_num_threads()}): the re-run would only repeat the same sums; choose another count")
     started = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     scores_root = out_dir / "scores"
@@ -493,7 +512,9 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
             for seed in seeds:
                 seed_dir = scores_root / setting / f"seed{seed}"
                 if cfg.resume:
-                    check_resumable(seed_dir, shared_fingerprint(cfg, setting, trainer_kwargs), methods)
+                    runs_here = [method_dir(seed_dir, r) for r in cfg.protocol.run_seeds(seed)]
+                    check_resumable(seed_dir, shared_fingerprint(cfg, setting, trainer_kwargs), methods, runs_here)
+                    _drop_unconfigured_runs(seed_dir, runs_here)
                 files = method_files(cfg, seed, seed_dir, methods)
                 done = (seed_dir / f"{GROUND_TRUTH}.safetensors").exists() and all(f.exists() for f in files) and lds_done(cfg, seed_dir)
                 if cfg.resume and done:
@@ -519,7 +540,7 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     for setting, result in metrics.items():
         pairs = [(k, c["reference"]) for k, c in curve_info.items() if c["value"] == 1 and c["reference"]]
         result["statistics"] = setting_statistics(scores_root / setting, [m.key for m in methods], cfg.protocol.bootstrap_resamples,
-                                                  cfg.protocol.permutations, pairs)
+                                                  cfg.protocol.permutations, pairs, seed=f"seed{seeds[0]}")
     wall = time.perf_counter() - started
     history_path = out_dir / "invocations.json"
     history = json.loads(history_path.read_text()) if (cfg.resume or cfg.evaluate_only) and history_path.exists() else []
