@@ -463,19 +463,23 @@ def float_noise_check(cfg: ReproduceConfig, setting: str, seed: int, methods: li
     if not threads:
         return None
     target = seed_dir / NOISE_DIR / f"threads{threads}"
-    if (target / f"{GROUND_TRUTH}.safetensors").exists() and cfg.resume:
-        return {"threads": threads, "reused": True}
     p = cfg.protocol
     noise_cfg = replace(cfg, protocol=replace(p, batch_orders=[p.orders(seed)[0]] if p.batch_orders is not None else None,
                                               runs=[p.runs[0]] if p.runs else None, lds_models=0, curves=[], float_noise_threads=None),
                         log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"), work_dir=str(Path(cfg.work_dir) / cfg.name / "noise"))
+    # resume: the noise folder is kept where its configuration still holds; only its missing method files are computed
+    reuse = cfg.resume and (target / f"{GROUND_TRUTH}.safetensors").exists()
+    if reuse:
+        check_resumable(target, shared_fingerprint(noise_cfg, setting, trainer_kwargs), methods, [method_dir(target, r) for r in noise_cfg.protocol.run_seeds(seed)])
+        if all(f.exists() for f in method_files(noise_cfg, seed, target, methods)):
+            return {"threads": threads, "reused": True}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if target.exists():
+        if target.exists() and not reuse:
             shutil.rmtree(target)
         started = time.perf_counter()
-        run_setting_seed(noise_cfg, setting, seed, methods, target, trainer_kwargs)
+        run_setting_seed(noise_cfg, setting, seed, methods, target, trainer_kwargs, reuse=reuse)
     finally:
         torch.set_num_threads(before)
     return {"threads": threads, "default_threads": before, "seconds": time.perf_counter() - started}
