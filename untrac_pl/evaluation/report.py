@@ -328,6 +328,12 @@ def reliability_markdown(stats: dict) -> str:
             "reach against a ground truth this noisy.\n\n" + _md_table(header, rows))
 
 
+def _p(null: dict) -> str:
+    """The permutation p-value; below 0.001 as a bound (the smallest possible value is 1 / number of permutations)."""
+    p = null.get("p_value")
+    return "p=n/a" if not isinstance(p, (int, float)) or not math.isfinite(p) else "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def statistics_markdown(stats: dict, method_names: list[str]) -> str:
     """Mean over runs, bootstrap 95 % CI (training groups resampled) and the permutation null per method and test set."""
     entries = stats.get("methods", {})
@@ -344,7 +350,7 @@ def statistics_markdown(stats: dict, method_names: list[str]) -> str:
                 row.append("n/a")
                 continue
             lo, hi = e["ci"]
-            row.append(f"{_num(e['mean'])} [{_num(lo, 2)}, {_num(hi, 2)}] p={_num(e['null']['p_value'], 3)}")
+            row.append(f"{_num(e['mean'])} [{_num(lo, 2)}, {_num(hi, 2)}] {_p(e['null'])}")
         rows.append(row)
     nulls = [f"{t}: null 95th percentile {_num(entries[names[0]][t]['null']['null_q95'], 2)} "
              f"({'exact, ' if entries[names[0]][t]['null']['exact'] else ''}{entries[names[0]][t]['null']['n']} permutations)"
@@ -387,7 +393,7 @@ def noise_markdown(stats: dict) -> str:
     return (f"Float noise: the first batch order's ground truth and the first run's methods recomputed with {block['threads']} torch "
             f"thread(s) (same code, data and config) moved the ground truth by at most {_num(block['ground_truth_max_change'], 4)} "
             f"nats (its spread across subsets and groups: {_num(block['ground_truth_spread'], 4)}) and each method's Pearson by at "
-            f"most {_num(worst)} (median {_num(sorted(deltas)[len(deltas) // 2] if deltas else float('nan'))}). Byte-identical results "
+            f"most {_num(worst, 4)} (median {_num(sorted(deltas)[len(deltas) // 2] if deltas else float('nan'), 4)}). Byte-identical results "
             "hold only on the same machine and software.")
 
 

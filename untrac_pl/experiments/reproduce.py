@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -214,9 +214,15 @@ class ReproduceResumeError(ValueError):
 
 
 def _comparable_shared(shared: Optional[dict]) -> Optional[dict]:
-    """A stored θ0/ground-truth configuration in today's names (the generated corpora were ``embedded``)."""
+    """A stored θ0/ground-truth configuration in today's names (the generated corpora were ``embedded``), with
+    fields added since (``model.gguf_file``, ``fit.order_seed``, ...) at their defaults, as the old run had them."""
     if not shared or "corpora" not in shared:
         return shared
+    shared = dict(shared)
+    for key, cls in (("model", ModelSpec), ("fit", FitSpec)):
+        if isinstance(shared.get(key), dict):
+            defaults = {f.name: json_safe(f.default) for f in fields(cls) if f.default is not MISSING}
+            shared[key] = {**{k: v for k, v in defaults.items() if k not in shared[key]}, **shared[key]}
     corpora = dict(shared["corpora"])
     for old, new in (("embedded_docs_per_corpus", "generated_docs_per_corpus"), ("embedded_test_per_group", "generated_test_per_group")):
         if old in corpora:
