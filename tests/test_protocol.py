@@ -273,3 +273,17 @@ def test_dose_benchmark_end_to_end_on_generated_corpora(tmp_path):
     assert set(record["dose_response"]["graddot"]) == {"spearman", "pearson", "monotone"}
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Spearman (score vs dose)" in md and (tmp_path / "out" / "dose.png").exists()
+
+
+def test_stored_configuration_without_newer_fields_still_resumes():
+    from untrac_pl.experiments.reproduce import _comparable_shared, shared_fingerprint
+
+    cfg = ReproduceConfig(name="x")
+    shared = shared_fingerprint(cfg, "A", {})
+    older = json.loads(json.dumps(shared))
+    for key in ("gguf_file", "gguf_cache_dir"):
+        del older["model"][key]
+    del older["fit"]["order_seed"]
+    assert _comparable_shared(older) == shared
+    older["fit"]["max_steps"] = 7  # a real difference still shows
+    assert _comparable_shared(older) != shared

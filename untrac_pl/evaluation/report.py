@@ -350,16 +350,16 @@ def statistics_markdown(stats: dict, method_names: list[str]) -> str:
                 row.append("n/a")
                 continue
             lo, hi = e["ci"]
-            row.append(f"{_num(e['mean'])} [{_num(lo, 2)}, {_num(hi, 2)}] {_p(e['null'])}")
+            row.append(f"{_num(e['mean'])} [{_num(lo, 2)}, {_num(hi, 2)}] {_p(e['null'])} (null 95 %: {_num(e['null']['null_q95'], 2)})")
         rows.append(row)
-    nulls = [f"{t}: null 95th percentile {_num(entries[names[0]][t]['null']['null_q95'], 2)} "
-             f"({'exact, ' if entries[names[0]][t]['null']['exact'] else ''}{entries[names[0]][t]['null']['n']} permutations)"
+    nulls = [f"{t}: {'all ' if entries[names[0]][t]['null']['exact'] else ''}{entries[names[0]][t]['null']['n']} permutations"
              for t in test_sets if t in entries[names[0]]]
     runs = max(entries[n][t]["num_runs"] for n in names for t in entries[n])
     return (f"Pearson with the ground truth on `{stats['seed']}` (mean over its {runs} run(s)), with a bootstrap 95 % CI "
             "(training groups resampled with replacement) and a permutation p-value (the same statistic with the method's "
-            "group labels shuffled, one permutation for every subset and run; one-sided). What chance gives: "
-            + "; ".join(nulls) + ".\n\n" + _md_table(["method"] + test_sets, rows))
+            "group labels shuffled, one permutation for every subset and run; one-sided), and what chance gives: the 95th percentile "
+            "of that null, per method (it depends on the method's own scores). Permutations: " + "; ".join(nulls) + ".\n\n"
+            + _md_table(["method"] + test_sets, rows))
 
 
 def lds_markdown(stats: dict, method_names: list[str]) -> str:
