@@ -560,7 +560,8 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions(),
              "machine": machine_facts(), "float_noise_runs": noise, "curves": curve_info, "invocations": history}
     notes = cfg.notes + "\n\n" + _run_notes(cfg, runs, wall, history)
-    return write_report(metrics, out_dir, title=cfg.title, command=command, notes=notes, method_names=[m.key for m in main_methods],
+    made_by = [h["command"] for h in history if not h.get("evaluate_only")] or [command]  # the commands that computed the scores
+    return write_report(metrics, out_dir, title=cfg.title, command="\n".join(made_by), notes=notes, method_names=[m.key for m in main_methods],
                         sweep=sweep_info or None, extra=extra, paper_table3=cfg.experiment == "corpora", figures=cfg.figures, curves=curve_info)
 
 
