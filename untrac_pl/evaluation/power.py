@@ -7,7 +7,6 @@ batch orders), its batch orders' tables in ``orders/`` (reliability), its method
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -140,7 +139,3 @@ def setting_statistics(setting_dir: Path, method_names: Sequence[str], bootstrap
     return {"seed": seed_dir.name, "reliability": reliability(seed_dir), "methods": methods, "agreement": agreement,
             "lds": lds_scores(seed_dir, method_names, gt, bootstrap_resamples), "float_noise": float_noise(seed_dir, method_names),
             "theta0": {"unigram": gt.metadata.get("unigram"), "mean_query_loss": gt.metadata.get("base_query_loss")}}
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
+from untrac_pl.evaluation.metrics import standardise
 from untrac_pl.evaluation.statistics import dose_response
 from untrac_pl.experiments.datasets import corpora_data, corpus_blocks
 from untrac_pl.experiments.methods import MethodContext, run_method
@@ -97,15 +98,20 @@ def plant(blocks: list[dict], group: str, pool: list[dict], dose: float, seed: i
     return out, count
 
 
+def standing(scores: dict, group: str) -> dict:
+    """Where ``group`` stands among the groups' ``scores``: rank (1 = most influential), margin to the best
+    other group, z-score over the groups (population std; 0 for constant scores), and the scores."""
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    names = list(scores)
+    z = standardise(torch.tensor([list(scores.values())], dtype=torch.float64))[0, names.index(group)]
+    return {"score": scores[group], "rank": ranked.index(group) + 1, "margin": scores[group] - max(v for k, v in scores.items() if k != group),
+            "z": float(z), "scores": scores}
+
+
 def _row(table, group: str) -> dict:
     g = table.group_level()
     i = g.row_ids.index(BEHAVIOUR)
-    scores = dict(zip(g.col_ids, g.scores[i].double().tolist()))
-    ranked = sorted(scores, key=scores.get, reverse=True)
-    others = [v for k, v in scores.items() if k != group]
-    values = torch.tensor(list(scores.values()), dtype=torch.float64)
-    z = (scores[group] - float(values.mean())) / float(values.std(unbiased=False)) if float(values.std()) > 0 else 0.0
-    return {"score": scores[group], "rank": ranked.index(group) + 1, "margin": scores[group] - max(others), "z": z, "scores": scores}
+    return standing(dict(zip(g.col_ids, g.scores[i].double().tolist())), group)
 
 
 def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:

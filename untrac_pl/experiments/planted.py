@@ -32,7 +32,8 @@ import torch
 from untrac_pl.data.records import DataSource, read_records
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.statistics import dose_response
-from untrac_pl.experiments.dose import behaviour_statements, plant
+from untrac_pl.evaluation.metrics import standardise
+from untrac_pl.experiments.dose import behaviour_statements, plant, standing
 from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
 from untrac_pl.experiments.toxicity import RESULTS_FILE, GenerationConfig, load_toxicity_scorer, sample_completion
 from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
@@ -120,15 +121,9 @@ def prompts_of(tests: list[dict], words: int) -> list[dict]:
 
 
 def rank_rows(table, planted: str) -> list[dict]:
-    """Per completion (row of the group-level table): the planted corpus's rank, margin to the best other, scores."""
+    """Per completion (row of the group-level table): the planted corpus's standing among the corpora."""
     g = table.group_level()
-    out = []
-    for i, row in enumerate(g.row_ids):
-        scores = dict(zip(g.col_ids, g.scores[i].double().tolist()))
-        ranked = sorted(scores, key=scores.get, reverse=True)
-        others = [v for k, v in scores.items() if k != planted]
-        out.append({"completion": row, "rank": ranked.index(planted) + 1, "margin": scores[planted] - max(others), "scores": scores})
-    return out
+    return [{"completion": row, **standing(dict(zip(g.col_ids, g.scores[i].double().tolist())), planted)} for i, row in enumerate(g.row_ids)]
 
 
 def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:
@@ -206,11 +201,7 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
 
 def _summarise(rows: list[dict], num_groups: int, planted: str) -> dict:
     """Top-1 rate, mean rank and margin over the completions, and the planted corpus's mean z-score."""
-    zs = []
-    for r in rows:
-        values = torch.tensor(list(r["scores"].values()), dtype=torch.float64)
-        std = float(values.std(unbiased=False))
-        zs.append((r["scores"][planted] - float(values.mean())) / std if std > 0 else 0.0)
+    zs = [r["z"] for r in rows]
     n = len(rows)
     return {"top1_rate": sum(r["rank"] == 1 for r in rows) / n if n else float("nan"),
             "mean_rank": sum(r["rank"] for r in rows) / n if n else float("nan"),
@@ -259,11 +250,7 @@ def _heatmap(cfg: PlantedConfig, dose: dict, out_dir: Path) -> str:
     image = None
     for ax, name in zip(axes.flat, names):
         rows = dose["methods"][name]["rows"]
-        matrix = []
-        for r in rows:
-            values = torch.tensor([r["scores"][c] for c in cfg.corpora], dtype=torch.float64)
-            std = float(values.std(unbiased=False))
-            matrix.append(((values - values.mean()) / std).tolist() if std > 0 else [0.0] * len(values))
+        matrix = standardise(torch.tensor([[r["scores"][c] for c in cfg.corpora] for r in rows], dtype=torch.float64)).tolist()
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-2.2, vmax=2.2, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(cfg.corpora)))
         ax.set_xticklabels([c + (" *" if c == cfg.planted_group else "") for c in cfg.corpora], rotation=60, ha="right", rotation_mode="anchor")
