@@ -265,14 +265,20 @@ def test_dose_benchmark_end_to_end_on_generated_corpora(tmp_path):
     cfg.dose = DoseSpec(group="forum", doses=[0.0, 0.25, 0.5], source_file="tox.jsonl", test_samples=8)
     cfg.methods = [MethodSpec(name="graddot", data={"samples_per_group": 20})]
     cfg.fit = FitSpec(max_steps=30, batch_size=8)
+    cfg.threads, cfg.workers, cfg.protocol = 2, 2, Protocol(float_noise_threads=2)  # doses in two 1-thread workers; top dose re-run with 2
     reproduce(cfg, command="dose test")
     record = json.loads((tmp_path / "out" / "dose.json").read_text())
     assert [d["planted"] for d in record["doses"].values()] == [0, 5, 10]
     z = [d["methods"]["graddot"]["z"] for d in record["doses"].values()]
     assert z[-1] > z[0]  # planting the behaviour raises the planted group's standing
     assert set(record["dose_response"]["graddot"]) == {"spearman", "pearson", "monotone"}
+    noise = record["float_noise"]
+    assert noise["dose"] == 0.5 and noise["threads"] == 2 and noise["default_threads"] == 1
+    assert noise["methods"]["graddot"]["score_change_in_spread"] < 0.1  # rounding alone: far below the spread of the groups
+    assert all(math.isfinite(d["test_loss"]) and 0 < d["unigram"]["train_entropy"] <= d["unigram"]["uniform"] for d in record["doses"].values())
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Spearman (score vs dose)" in md and (tmp_path / "out" / "dose.png").exists()
+    assert "Float noise: the 50 % dose re-run with 2 torch thread(s) instead of 1" in md and "a unigram model of the training tokens" in md
 
 
 def test_stored_configuration_without_newer_fields_still_resumes():
@@ -287,3 +293,30 @@ def test_stored_configuration_without_newer_fields_still_resumes():
     assert _comparable_shared(older) == shared
     older["fit"]["max_steps"] = 7  # a real difference still shows
     assert _comparable_shared(older) != shared
+
+
+# ------------------------------------------------------------------------------------------------ worker pool
+def test_two_worker_processes_give_the_same_bytes_as_one_process(tmp_path):
+    """``workers: 2`` (two spawned 1-thread processes) against ``workers: 1`` with one thread: every score
+    file and the LDS record identical, byte for byte (the pool changes where a job runs, never its sums)."""
+    outputs = {}
+    for workers, threads in ((1, 1), (2, 2)):
+        cfg = _tiny(tmp_path / f"w{workers}", batch_orders=[0, 1], runs=[0, 1], lds_models=8, bootstrap_resamples=50, permutations=50)
+        cfg.workers, cfg.threads = workers, threads
+        reproduce(cfg, command=f"workers {workers}")
+        seed_dir = tmp_path / f"w{workers}" / "out" / "scores" / "A" / "seed0"
+        outputs[workers] = {str(p.relative_to(seed_dir)): ScoreTable.load(p).scores for p in seed_dir.rglob("*.safetensors")}
+        outputs[workers]["lds"] = torch.tensor(json.loads((seed_dir / "lds.json").read_text())["losses"], dtype=torch.float64)
+    assert set(outputs[1]) == set(outputs[2]) and len(outputs[1]) >= 7  # GT, two orders, 2 runs x 2 methods, LDS
+    for key, value in outputs[1].items():
+        assert torch.equal(value, outputs[2][key]), key
+    assert not torch.equal(outputs[1]["orders/ground_truth_order0.safetensors"], outputs[1]["orders/ground_truth_order1.safetensors"])
+
+
+def test_workers_must_be_positive_and_float_noise_needs_another_thread_count(tmp_path):
+    with pytest.raises(ValueError, match="workers=0"):
+        ReproduceConfig(name="x", workers=0)
+    cfg = _tiny(tmp_path, float_noise_threads=1)
+    cfg.workers, cfg.threads = 2, 2  # each job runs with one thread: a one-thread re-run would repeat it
+    with pytest.raises(ValueError, match="float_noise_threads=1"):
+        reproduce(cfg, command="x")

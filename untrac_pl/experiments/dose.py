@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,13 +27,15 @@ from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.metrics import standardise
 from untrac_pl.evaluation.statistics import dose_response
 from untrac_pl.experiments.datasets import corpora_data, corpus_blocks
-from untrac_pl.experiments.methods import MethodContext, run_method
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, methods_job, payload_for
+from untrac_pl.experiments.pool import JobPool, fit_threads
+from untrac_pl.experiments.protocol import unigram_baseline
 from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from untrac_pl.lm import CausalLMModule
 from untrac_pl.methods import display_name
 from untrac_pl.models import build_model, load_tokenizer
 from untrac_pl.runtime import json_safe, machine_facts, versions
-from untrac_pl.training import fit_lm
+from untrac_pl.scores import ScoreTable
 
 BEHAVIOUR = "planted/toxic"
 
@@ -114,12 +117,49 @@ def _row(table, group: str) -> dict:
     return standing(dict(zip(g.col_ids, g.scores[i].double().tolist())), group)
 
 
+@dataclass
+class DoseJob:
+    """θ0 trained with ``dose`` planted, then every method on it (score files in ``out_dir``)."""
+
+    dose: float
+    out_dir: str
+    checkpoint_dir: str
+
+
+def dose_job(payload: dict, job: DoseJob) -> dict:
+    """One dose: plant, train θ0 (same initialisation and coupled batch order for every dose), run the methods."""
+    started = time.perf_counter()
+    train_records, planted = plant(payload["blocks"], payload["group"], payload["pool"], job.dose, payload["seed"])
+    corpus = tokenize_records(train_records, payload["tokenizer"], payload["max_length"], "training data")
+    here = {**payload, "train": corpus, "train_records": train_records}
+    ckpt = Path(job.checkpoint_dir)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    fitted = fit_job(here, FitJob(f"dose{job.dose:g}", payload["fit_spec"], checkpoint_dir=str(ckpt), weights_path=str(ckpt / "theta0.safetensors")))
+    info = fitted["info"]
+    methods_job(here, MethodsJob(methods=payload["methods"], out_dir=job.out_dir, theta0_path=str(ckpt / "theta0.safetensors"), sample_seed=payload["seed"],
+                                 checkpoints=[(c["path"], c["lr"]) for c in info["checkpoints"]], metadata={"dose": job.dose}))
+    rows = {m.key: _row(ScoreTable.load(Path(job.out_dir) / f"{m.key}.safetensors"), payload["group"]) for m in payload["methods"]}
+    return {"dose": job.dose, "planted": planted, "final_train_loss": info["final_train_loss"],
+            "test_loss": sum(fitted["losses"]) / len(fitted["losses"]), "unigram": unigram_baseline(corpus, payload["queries"], len(payload["tokenizer"])),
+            "methods": rows, "seconds": time.perf_counter() - started}
+
+
 def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:
     """The benchmark for ``cfg`` (a ReproduceConfig with ``experiment: dose``, the corpora of ``corpora:``
-    at equal sizes, the first of ``seeds``); writes ``scores/dose<d>/``, ``dose.json``, ``results.md`` and ``dose.png``."""
+    at equal sizes, the first of ``seeds``); writes ``scores/dose<d>/``, ``dose.json``, ``results.md`` and ``dose.png``.
+
+    The doses are independent jobs (``workers`` processes, :mod:`untrac_pl.experiments.pool`); with
+    ``protocol.float_noise_threads`` the highest dose is re-run with that thread count into
+    ``scores/noise/``, so the report says how much rounding alone moves each method's standing."""
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    own = fit_threads(cfg.threads, cfg.workers)
+    noise_threads = cfg.protocol.float_noise_threads
+    if noise_threads and noise_threads == own:
+        raise ValueError(f"protocol.float_noise_threads={noise_threads} is the thread count every dose runs with (threads over workers): "
+                         "choose another count")
     spec_dose: DoseSpec = cfg.dose
     seed = cfg.seeds[0]
     out_dir = Path(cfg.output_dir)
@@ -131,41 +171,57 @@ def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> d
     pool, tests = behaviour_statements(Path(cfg.corpora.tests_dir) / spec_dose.source_file, spec_dose.min_toxicity, spec_dose.test_samples, seed)
     net = build_model(spec, tokenizer)
     init_state = copy.deepcopy(net.state_dict())
-    lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps,
-                        max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
+    lm_kwargs = {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
+                 "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
+    lm = CausalLMModule(model=spec, **lm_kwargs)
     lm.attach(net, tokenizer)
     fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[], checkpoint_steps=list(cfg.fit.checkpoint_steps), order_seed=seed)
-    per_dose: dict = {}
-    for dose in spec_dose.doses:
-        t0 = time.perf_counter()
-        train_records, planted = plant(blocks, spec_dose.group, pool, dose, seed)
-        corpus = tokenize_records(train_records, tokenizer, cfg.max_length, "training data")
-        net.load_state_dict(copy.deepcopy(init_state))
-        ckpt_dir = Path(cfg.work_dir) / cfg.name / f"dose{dose:g}" / "checkpoints"
-        theta0_run = fit_lm(lm, corpus, fit_spec, trainer_kwargs, checkpoint_dir=ckpt_dir)
-        theta0 = copy.deepcopy(net.state_dict())
-        ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=tests, seed=seed,
-                            max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, trainer_kwargs=trainer_kwargs,
-                            checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
-        rows = {}
-        for method in cfg.methods:
-            net.load_state_dict(theta0)
-            table = run_method(method, ctx)
-            table.save(out_dir / "scores" / f"dose{dose:g}" / f"{method.key}.safetensors")
-            rows[method.key] = _row(table, spec_dose.group)
-        net.load_state_dict(theta0)
-        per_dose[f"{dose:g}"] = {"dose": dose, "planted": planted, "final_train_loss": theta0_run["final_train_loss"], "methods": rows,
-                                 "seconds": time.perf_counter() - t0}
-        print(f"[dose] {dose:g}: {planted} planted statements; " + ", ".join(f"{display_name(k)} rank {v['rank']}" for k, v in rows.items()), flush=True)
+    queries = tokenize_records(tests, tokenizer, cfg.max_length, "behaviour test set")
+    payload, local = payload_for(lm, spec, tokenizer, lm_kwargs, init_state, None, queries, query_records=tests, max_length=cfg.max_length,
+                                 eval_batch_size=cfg.eval_batch_size, trainer_kwargs=trainer_kwargs)
+    payload.update({"blocks": blocks, "group": spec_dose.group, "pool": pool, "seed": seed, "fit_spec": fit_spec, "methods": list(cfg.methods)})
+    work = Path(cfg.work_dir) / cfg.name
+    jobs = [DoseJob(d, str(out_dir / "scores" / f"dose{d:g}"), str(work / f"dose{d:g}" / "checkpoints")) for d in spec_dose.doses]
+    with JobPool(payload, workers=cfg.workers, threads=own, local=local) as jobs_pool:
+        done = jobs_pool.map(dose_job, jobs)
+    per_dose = {f"{d['dose']:g}": d for d in done}
+    for d in done:
+        print(f"[dose] {d['dose']:g}: {d['planted']} planted statements; "
+              + ", ".join(f"{display_name(k)} rank {v['rank']}" for k, v in d["methods"].items()), flush=True)
     summary = {m.key: dose_response([d["dose"] for d in per_dose.values()], [d["methods"][m.key]["score"] for d in per_dose.values()])
                for m in cfg.methods}
+    noise = None
+    if noise_threads:  # the highest dose again, with another thread count: what rounding alone moves
+        top = max(spec_dose.doses)
+        job = DoseJob(top, str(out_dir / "scores" / "noise" / f"threads{noise_threads}" / f"dose{top:g}"), str(work / "noise" / f"dose{top:g}" / "checkpoints"))
+        with JobPool(payload, workers=1, threads=noise_threads, local=local) as noise_pool:
+            again = noise_pool.map(dose_job, [job])[0]
+        noise = _noise_summary(per_dose, again, cfg.methods, noise_threads, own)
     wall = time.perf_counter() - started
-    record = {"command": command, "group": spec_dose.group, "doses": per_dose, "dose_response": summary, "wall_seconds": wall,
-              "num_test": len(tests), "machine": machine_facts(), "versions": versions(), "config": json_safe(cfg)}
+    record = {"command": command, "group": spec_dose.group, "doses": per_dose, "dose_response": summary, "float_noise": noise, "wall_seconds": wall,
+              "num_test": len(tests), "workers": cfg.workers, "threads_per_dose": own, "machine": machine_facts(), "versions": versions(),
+              "config": json_safe(cfg)}
     write_json_atomic(out_dir / "dose.json", json_safe(record))
     figure = _figure(per_dose, cfg.methods, out_dir)
     write_text_atomic(out_dir / "results.md", _markdown(cfg, record, figure))
     return {"metrics": str(out_dir / "dose.json"), "markdown": str(out_dir / "results.md"), "figures": [figure]}
+
+
+def _noise_summary(per_dose: dict, again: dict, methods, threads: int, own: int) -> dict:
+    """How the highest dose's re-run moves each method: its planted score (in units of the groups' spread), its
+    rank, and the dose Spearman with the re-run substituted."""
+    key = f"{again['dose']:g}"
+    first = per_dose[key]
+    out = {"dose": again["dose"], "threads": threads, "default_threads": own, "test_loss_change": again["test_loss"] - first["test_loss"], "methods": {}}
+    for m in methods:
+        a, b = first["methods"][m.key], again["methods"][m.key]
+        spread = float(torch.tensor(list(a["scores"].values()), dtype=torch.float64).std(unbiased=False)) or 1.0
+        swapped = [again["methods"][m.key]["score"] if k == key else d["methods"][m.key]["score"] for k, d in per_dose.items()]
+        rho = dose_response([d["dose"] for d in per_dose.values()], swapped)["spearman"]
+        before = dose_response([d["dose"] for d in per_dose.values()], [d["methods"][m.key]["score"] for d in per_dose.values()])["spearman"]
+        out["methods"][m.key] = {"score_change_in_spread": abs(b["score"] - a["score"]) / spread, "rank": [a["rank"], b["rank"]],
+                                 "spearman_change": abs(rho - before)}
+    return out
 
 
 def _markdown(cfg, record: dict, figure: str) -> str:
@@ -183,7 +239,8 @@ def _markdown(cfg, record: dict, figure: str) -> str:
     m = record["machine"]
     return "\n".join([
         f"# {cfg.title}", "", "Produced by:", "", "```", record["command"], "```", "",
-        f"Machine: {m['cpu']} ({m['cpus']} CPUs, torch threads {m['torch_threads']}); wall time {record['wall_seconds'] / 60:.1f} min.", "",
+        f"Machine: {m['cpu']} ({m['cpus']} CPUs; flags {', '.join(m['cpu_flags']) or 'none of avx2/avx512'}); {record.get('workers', 1)} worker "
+        f"process(es) of {record.get('threads_per_dose', m['torch_threads'])} torch thread(s), one dose each; wall time {record['wall_seconds'] / 60:.1f} min.", "",
         f"A behaviour (toxic ToxiGen statements, toxicity_human ≥ {cfg.dose.min_toxicity:g}) planted into `{record['group']}` at each dose "
         f"(that share of its blocks replaced by planted statements; {record['num_test']} other statements of the behaviour as the test set, "
         "disjoint from every planted one). θ0 is retrained per dose from the same initialisation with the same batch order. "
@@ -194,7 +251,29 @@ def _markdown(cfg, record: dict, figure: str) -> str:
         f"unrelated to the dose) its 95th percentile is {_spearman_null_q95(len(doses)):.3f} (exact, all {len(doses)}! orderings). "
         f"At 0 % nothing is planted: the planted group's rank there is what chance gives (uniform over 1..{k}); "
         + ", ".join(f"{display_name(n)} #{zero['methods'][n]['rank']} (z {zero['methods'][n]['z']:+.2f})" for n in names) + ".", "",
+        *_theta0_lines(doses), *_noise_lines(record.get("float_noise"), names),
         f"![{figure}]({figure})", ""])
+
+
+def _theta0_lines(doses: list) -> list[str]:
+    if not all("test_loss" in d for d in doses):
+        return []
+    u = doses[0]["unigram"]
+    return ["θ0's mean loss on the behaviour's test statements by dose: " + ", ".join(f"{d['dose'] * 100:g} %: {d['test_loss']:.3f}" for d in doses)
+            + f" nats; a unigram model of the training tokens scores {u['test_loss']:.3f} on them (training-token entropy {u['train_entropy']:.3f}; "
+            f"uniform guess ln V = {u['uniform']:.3f}). The loss falls with the dose where the planted statements teach the behaviour.", ""]
+
+
+def _noise_lines(noise: Optional[dict], names: list[str]) -> list[str]:
+    if not noise:
+        return []
+    per = noise["methods"]
+    return [f"Float noise: the {noise['dose'] * 100:g} % dose re-run with {noise['threads']} torch thread(s) instead of {noise['default_threads']} "
+            f"(same code, data and config) moved θ0's test loss by {abs(noise['test_loss_change']):.4f} nats, and per method the planted "
+            "group's score by (in units of the spread of the groups' scores) / its rank (first run → re-run) / the dose Spearman with the "
+            "re-run substituted: " + "; ".join(f"{display_name(n)} {per[n]['score_change_in_spread']:.3f} / #{per[n]['rank'][0]} → #{per[n]['rank'][1]} / "
+                                               f"{per[n]['spearman_change']:.3f}" for n in names)
+            + ". Byte-identical results hold only on the same machine and software.", ""]
 
 
 def _spearman_null_q95(n: int) -> float:

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import random
@@ -26,13 +25,13 @@ import torch
 from untrac_pl.data.tokenize import TokenizedCorpus
 from untrac_pl.evaluation.ground_truth import GROUND_TRUTH
 from untrac_pl.evaluation.power import LDS_FILE, NOISE_DIR, ORDERS_DIR
+from untrac_pl.experiments.jobs import FitJob
 from untrac_pl.experiments.methods import MethodSpec
 from untrac_pl.io import write_json_atomic
-from untrac_pl.lm import example_losses
 from untrac_pl.scores import ScoreTable
-from untrac_pl.training import FitSpec, fit_lm
+from untrac_pl.training import FitSpec
 
-__all__ = ["LDS_FILE", "NOISE_DIR", "ORDERS_DIR", "Curve", "Protocol", "expand_curves", "mean_ground_truth", "train_lds_models", "unigram_baseline"]
+__all__ = ["LDS_FILE", "NOISE_DIR", "ORDERS_DIR", "Curve", "Protocol", "expand_curves", "lds_jobs", "lds_record", "mean_ground_truth", "unigram_baseline"]
 
 
 @dataclass
@@ -128,18 +127,22 @@ def lds_subsets(groups: Sequence[str], num_models: int, fraction: float, seed: i
     return chosen
 
 
-def train_lds_models(lm, init_state: dict, train_corpus: TokenizedCorpus, query_corpus: TokenizedCorpus, query_groups: Sequence[str],
-                     fit_spec: FitSpec, protocol: Protocol, seed: int, trainer_kwargs: dict, eval_batch_size: int, path) -> dict:
-    """Train the LDS models and write ``{"groups", "subsets", "included", "losses"}`` (group-level test losses) to ``path``."""
-    groups = list(train_corpus.groups)
+def lds_jobs(groups: Sequence[str], fit_spec: FitSpec, protocol: Protocol, seed: int) -> list[FitJob]:
+    """One fit per LDS model: the same initialisation, steps and (coupled) batch order, only the chosen groups."""
+    return [FitJob(f"lds{i}", replace(fit_spec, exclude_groups=[g for g in groups if g not in chosen], checkpoint_steps=[]))
+            for i, chosen in enumerate(lds_subsets(groups, protocol.lds_models, protocol.lds_fraction, seed))]
+
+
+def lds_record(groups: Sequence[str], jobs: Sequence[FitJob], results: Sequence[dict], query_groups: Sequence[str], fit_spec: FitSpec,
+               protocol: Protocol, path) -> dict:
+    """Write ``{"groups", "subsets", "included", "losses"}`` (group-level test losses of each LDS model) to ``path``."""
+    groups = list(groups)
     subsets = list(dict.fromkeys(query_groups))
     members = {s: [i for i, g in enumerate(query_groups) if g == s] for s in subsets}
     included, losses = [], []
-    for chosen in lds_subsets(groups, protocol.lds_models, protocol.lds_fraction, seed):
-        lm.net.load_state_dict(copy.deepcopy(init_state))
-        fit_lm(lm, train_corpus, replace(fit_spec, exclude_groups=[g for g in groups if g not in chosen], checkpoint_steps=[]), trainer_kwargs)
-        per_query = example_losses(lm.net, query_corpus.examples, lm.tokenizer.pad_token_id, eval_batch_size).double()
-        included.append(chosen)
+    for job, result in zip(jobs, results):
+        per_query = torch.tensor(result["losses"], dtype=torch.float64)
+        included.append([g for g in groups if g not in job.spec.exclude_groups])
         losses.append([float(per_query[members[s]].mean()) for s in subsets])
     record = {"groups": groups, "subsets": subsets, "included": included, "losses": losses, "requested": protocol.lds_models,
               "fraction": protocol.lds_fraction,

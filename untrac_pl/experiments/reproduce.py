@@ -31,7 +31,7 @@ import torch
 
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.data.tokenize import tokenize_records
-from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
+from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, ground_truth_table
 from untrac_pl.evaluation.metrics import evaluate_directory
 from untrac_pl.evaluation.power import setting_statistics
 from untrac_pl.evaluation.report import write_report
@@ -43,20 +43,18 @@ from untrac_pl.experiments.datasets import (  # noqa: F401  (the reproduction's 
     synthetic_data,
 )
 from untrac_pl.experiments.dose import DoseSpec, run_dose
-from untrac_pl.experiments.methods import (
-    MethodContext,
-    MethodData,
-    MethodSpec,
-    run_method,
-)
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, methods_job, payload_for
+from untrac_pl.experiments.methods import MethodData, MethodSpec
+from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import (
     LDS_FILE,
     NOISE_DIR,
     ORDERS_DIR,
     Protocol,
     expand_curves,
+    lds_jobs,
+    lds_record,
     mean_ground_truth,
-    train_lds_models,
     unigram_baseline,
 )
 from untrac_pl.io import write_json_atomic
@@ -67,7 +65,7 @@ from untrac_pl.optim import OptimizerSpec
 from untrac_pl.resume import fingerprint_diff, score_trainer_settings
 from untrac_pl.runtime import json_safe, machine_facts, versions
 from untrac_pl.scores import ScoreTable
-from untrac_pl.training import FitSpec, fit_lm, load_weights
+from untrac_pl.training import FitSpec, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,11 @@ class ReproduceConfig:
     figures: bool = True
     notes: str = ""
     threads: Optional[int] = None
+    workers: int = 1  # processes for the independent fits and method runs (untrac_pl.experiments.pool); threads split among them
 
     def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: at least 1 (1 = every model and method run in this process)")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
         # the reproduction sets these per run: θ0 sees every group, and the seed comes from ``seeds``
@@ -184,13 +185,6 @@ def expand_methods(cfg: ReproduceConfig) -> tuple[list[MethodSpec], dict]:
     if len(set(keys)) != len(keys) or GROUND_TRUTH in keys:
         raise ValueError(f"method labels must be unique and not '{GROUND_TRUTH}': {keys}")
     return methods, sweep_info
-
-
-def _tb_logger(cfg: ReproduceConfig, setting: str, seed: int, version: str):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    log_dir = cfg.log_dir or str(Path(cfg.output_dir) / "tensorboard")
-    return TensorBoardLogger(save_dir=log_dir, name=f"{setting}/seed{seed}", version=version, default_hp_metric=False)
 
 
 # What θ0 and the ground truth depend on (not the methods, outputs, seeds list or reporting).
@@ -301,23 +295,30 @@ def method_files(cfg: ReproduceConfig, seed: int, seed_dir: Path, methods) -> li
     return [method_dir(seed_dir, run) / f"{m.key}.safetensors" for run in cfg.protocol.run_seeds(seed) for m in methods]
 
 
-def _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir) -> tuple[ScoreTable, dict]:
-    """Leave-group-out ground truth for every batch order (θ0 retrained per order after the first), their
-    mean, and each order's table in ``orders/``; ``lm.net`` is left changed."""
-    net, pad = lm.net, lm.tokenizer.pad_token_id
+def _ground_truth_jobs(cfg, seed, fit_spec, groups) -> list[FitJob]:
+    """θ0 of every batch order after the first and every leave-group-out model of every order."""
+    jobs = []
+    for i, order in enumerate(cfg.protocol.orders(seed)):
+        spec = replace(fit_spec, order_seed=order, checkpoint_steps=[])
+        suffix = "" if i == 0 else f"_order{order}"
+        if i > 0:
+            jobs.append(FitJob(f"full{suffix}", spec, log_version=f"full{suffix}"))
+        jobs += [FitJob(f"without_{g}{suffix}", replace(spec, exclude_groups=[g]), log_version=f"without_{g}{suffix}") for g in groups]
+    return jobs
+
+
+def _ground_truth(cfg, seed, results: dict, base, groups, query_corpus, query_groups, seed_dir) -> tuple[ScoreTable, dict]:
+    """Leave-group-out ground truth of every batch order from the fitted models in ``results``, their
+    mean, and each order's table in ``orders/``."""
     orders = cfg.protocol.orders(seed)
     tables, runs = [], {}
     for i, order in enumerate(orders):
-        spec = replace(fit_spec, order_seed=order)
         suffix = "" if i == 0 else f"_order{order}"
-        base_o = base
-        if i > 0:
-            net.load_state_dict(copy.deepcopy(init_state))
-            fit_lm(lm, train_corpus, spec, trainer_kwargs, logger=_tb_logger(cfg, setting, seed, f"full{suffix}"))
-            base_o = example_losses(net, query_corpus.examples, pad, cfg.eval_batch_size)
-        table, info = leave_group_out(lm, init_state, train_corpus, query_corpus.examples, query_corpus.ids, query_groups, spec, base_o,
-                                      trainer_kwargs, logger_factory=lambda v, s=suffix: _tb_logger(cfg, setting, seed, v + s),
-                                      eval_batch_size=cfg.eval_batch_size)
+        base_o = base if i == 0 else torch.tensor(results[f"full{suffix}"]["losses"], dtype=torch.float64)
+        loo = {g: torch.tensor(results[f"without_{g}{suffix}"]["losses"], dtype=torch.float64) for g in groups}
+        info = {g: results[f"without_{g}{suffix}"]["info"] for g in groups}
+        meta = {"fit": {"max_steps": cfg.fit.max_steps, "batch_size": cfg.fit.batch_size, "seed": seed}, "runs": info}
+        table = ground_truth_table(base_o, loo, query_corpus.ids, query_groups, meta)
         table.metadata.update({"order_seed": order, "base_query_loss": float(base_o.mean())})
         if cfg.protocol.batch_orders is not None:
             table.save(seed_dir / ORDERS_DIR / f"{GROUND_TRUTH}_order{order}.safetensors")
@@ -381,68 +382,79 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
 
     orders = cfg.protocol.orders(seed)
     fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[])
-    t1 = time.perf_counter()
+    groups = list(train_corpus.groups)
     ckpt_dir = Path(cfg.work_dir) / cfg.name / setting / f"seed{seed}" / "checkpoints"
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
-    theta0_run = fit_lm(lm, train_corpus, replace(fit_spec, order_seed=orders[0]), trainer_kwargs, logger=_tb_logger(cfg, setting, seed, "full"), checkpoint_dir=ckpt_dir)
-    theta0 = copy.deepcopy(net.state_dict())
-    base = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
-    theta0_run["held_out_curve"] = _held_out_curve(net, theta0_run["checkpoints"], query_corpus, tokenizer.pad_token_id, cfg.eval_batch_size)
-    if data.get("validation"):
-        validation = tokenize_records(data["validation"], tokenizer, cfg.max_length, "validation")
-        theta0_run["validation_curve"] = _held_out_curve(net, theta0_run["checkpoints"], validation, tokenizer.pad_token_id, cfg.eval_batch_size)
-    net.load_state_dict(theta0)
-    timings["fit_theta0_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
+    theta0_path = ckpt_dir / "theta0.safetensors"
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    if reuse and gt_path.exists():
-        gt, runs = ScoreTable.load(gt_path), {}
-        stored = gt.metadata.get("base_query_loss")
-        if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
-            raise RuntimeError(f"{setting} seed {seed}: retrained θ0 has mean test loss {float(base.mean()):.6f}, the stored ground "
-                               f"truth's θ0 had {float(stored):.6f}; the run is not reproducible here: rerun with --resume false")
-        timings["ground_truth_s"] = gt.metadata.get("timings", {}).get("ground_truth_s", 0.0)
-        timings["ground_truth_reused"] = True
-    else:
-        gt, runs = _ground_truth(cfg, setting, seed, lm, init_state, train_corpus, query_corpus, query_groups, fit_spec, base, trainer_kwargs, seed_dir)
-        timings["ground_truth_s"] = time.perf_counter() - t2
-    if not lds_done(cfg, seed_dir):  # also on resume: LDS models added to a finished reproduction
+    reuse_gt = reuse and gt_path.exists()
+    lm_kwargs = {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
+                 "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
+    log = {"save_dir": cfg.log_dir or str(Path(cfg.output_dir) / "tensorboard"), "name": f"{setting}/seed{seed}"}
+    payload, local = payload_for(lm, spec, tokenizer, lm_kwargs, init_state, train_corpus, query_corpus, train_records=train_records,
+                                 query_records=query_records, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
+                                 trainer_kwargs=trainer_kwargs, log=log)
+    pool = JobPool(payload, workers=cfg.workers, threads=fit_threads(cfg.threads, cfg.workers), local=local)
+    with pool:
+        # every model of the setting, in one pool: θ0 (order 0, with checkpoints), then the ground truth's, then the LDS models
+        t1 = time.perf_counter()
+        theta0_job = FitJob("full", replace(fit_spec, order_seed=orders[0]), log_version="full", checkpoint_dir=str(ckpt_dir), weights_path=str(theta0_path))
+        gt_jobs = [] if reuse_gt else _ground_truth_jobs(cfg, seed, fit_spec, groups)
+        lds = [] if lds_done(cfg, seed_dir) else lds_jobs(groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed)  # also on resume
+        fitted = pool.map(fit_job, [theta0_job] + gt_jobs + lds)
+        results = {r["key"]: r for r in fitted}
+        models_s = time.perf_counter() - t1
+        theta0_run = results["full"]["info"]
+        load_weights(net, theta0_path)
+        base = torch.tensor(results["full"]["losses"], dtype=torch.float64)
+        theta0_run["held_out_curve"] = _held_out_curve(net, theta0_run["checkpoints"], query_corpus, tokenizer.pad_token_id, cfg.eval_batch_size)
+        if data.get("validation"):
+            validation = tokenize_records(data["validation"], tokenizer, cfg.max_length, "validation")
+            theta0_run["validation_curve"] = _held_out_curve(net, theta0_run["checkpoints"], validation, tokenizer.pad_token_id, cfg.eval_batch_size)
+        load_weights(net, theta0_path)
+        # per-phase times of a pooled run: the models' wall time shared out in proportion to their own fit times
+        fit_seconds = {r["key"]: r["info"]["seconds"] for r in fitted}
+        share = models_s / max(sum(fit_seconds.values()), 1e-9)
+        timings["fit_theta0_s"] = fit_seconds["full"] * share
+        timings["workers"] = cfg.workers
+        if reuse_gt:
+            gt, runs = ScoreTable.load(gt_path), {}
+            stored = gt.metadata.get("base_query_loss")
+            if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
+                raise RuntimeError(f"{setting} seed {seed}: retrained θ0 has mean test loss {float(base.mean()):.6f}, the stored ground "
+                                   f"truth's θ0 had {float(stored):.6f}; the run is not reproducible here: rerun with --resume false")
+            timings["ground_truth_s"] = gt.metadata.get("timings", {}).get("ground_truth_s", 0.0)
+            timings["ground_truth_reused"] = True
+        else:
+            gt, runs = _ground_truth(cfg, seed, results, base, groups, query_corpus, query_groups, seed_dir)
+            timings["ground_truth_s"] = sum(fit_seconds[j.key] for j in gt_jobs) * share
+        if lds:
+            lds_record(groups, lds, [results[j.key] for j in lds], query_groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed_dir / LDS_FILE)
+            timings["lds_s"] = sum(fit_seconds[j.key] for j in lds) * share
+
+        method_times = dict(gt.metadata.get("timings", {}).get("methods_s", {})) if reuse else {}
+        checkpoints = [(c["path"], c["lr"]) for c in theta0_run["checkpoints"]]
+        run_seeds = cfg.protocol.run_seeds(seed)
+        jobs = [MethodsJob(methods=list(methods), out_dir=str(method_dir(seed_dir, run)), theta0_path=str(theta0_path),
+                           sample_seed=seed if run is None else run_sample_seed(seed, run), checkpoints=checkpoints,
+                           metadata={"setting": setting, "seed": seed, "run": run}, skip_existing=reuse, may_fail=tuple(may_fail))
+                for run in run_seeds]
         t3 = time.perf_counter()
-        train_lds_models(lm, init_state, train_corpus, query_corpus, query_groups, replace(fit_spec, order_seed=orders[0]), cfg.protocol, seed,
-                         trainer_kwargs, cfg.eval_batch_size, seed_dir / LDS_FILE)
-        timings["lds_s"] = time.perf_counter() - t3
+        done = pool.map(methods_job, jobs)
+        timings["methods_wall_s"] = time.perf_counter() - t3
+    failed_methods: dict = {}
+    for run, result in zip(run_seeds, done):
+        prefix = "" if run is None else f"run{run}/"
+        method_times.update({prefix + k: v for k, v in result["seconds"].items()})
+        for key, message in result["failed"].items():
+            failed_methods[prefix + key] = message
+            print(f"[reproduce] {setting} seed {seed}: {prefix + key} diverged, no score file: {message}", flush=True)
     baseline = unigram_baseline(train_corpus, query_corpus, len(tokenizer))
     gt.metadata.update({"setting": setting, "seed": seed, "theta0": theta0_run, "base_query_loss": float(base.mean()), "unigram": baseline,
                         "shared_config": shared_fingerprint(cfg, setting, trainer_kwargs)})
 
-    method_times = dict(gt.metadata.get("timings", {}).get("methods_s", {})) if reuse else {}
-    failed_methods: dict = {}
-    for run in cfg.protocol.run_seeds(seed):
-        out_dir = method_dir(seed_dir, run)
-        ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=spec, train_records=train_records, query_records=query_records,
-                            seed=seed if run is None else run_sample_seed(seed, run), max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
-                            trainer_kwargs=trainer_kwargs, checkpoints=[(c["path"], c["lr"]) for c in theta0_run["checkpoints"]])
-        for method in methods:
-            where = method.key if run is None else f"run{run}/{method.key}"
-            if reuse and (out_dir / f"{method.key}.safetensors").exists():
-                continue
-            net.load_state_dict(theta0)
-            tm = time.perf_counter()
-            try:
-                table = run_method(method, ctx)
-            except FloatingPointError as exc:  # diverged ascent (NaN/inf loss): fatal, except for sweep cells (``may_fail``)
-                if method.key not in may_fail:
-                    raise
-                failed_methods[where] = str(exc)
-                print(f"[reproduce] {setting} seed {seed}: {where} diverged, no score file: {exc}", flush=True)
-                continue
-            method_times[where] = time.perf_counter() - tm
-            table.metadata.update({"setting": setting, "seed": seed, "run": run, "spec": asdict(method), "seconds": method_times[where]})
-            table.save(out_dir / f"{method.key}.safetensors")
-    net.load_state_dict(theta0)
     timings["methods_s"] = method_times
     timings["total_s"] = time.perf_counter() - t0
     gt.metadata["timings"] = timings
@@ -472,7 +484,7 @@ def float_noise_check(cfg: ReproduceConfig, setting: str, seed: int, methods: li
     p = cfg.protocol
     noise_cfg = replace(cfg, protocol=replace(p, batch_orders=[p.orders(seed)[0]] if p.batch_orders is not None else None,
                                               runs=[p.runs[0]] if p.runs else None, lds_models=0, curves=[], float_noise_threads=None),
-                        log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"), work_dir=str(Path(cfg.work_dir) / cfg.name / "noise"))
+                        threads=threads, workers=1, log_dir=str(Path(cfg.work_dir) / cfg.name / "noise_tensorboard"), work_dir=str(Path(cfg.work_dir) / cfg.name / "noise"))
     # resume: the noise folder is kept where its configuration still holds; only its missing method files are computed
     reuse = cfg.resume and (target / f"{GROUND_TRUTH}.safetensors").exists()
     if reuse:
@@ -488,7 +500,7 @@ def float_noise_check(cfg: ReproduceConfig, setting: str, seed: int, methods: li
         run_setting_seed(noise_cfg, setting, seed, methods, target, trainer_kwargs, reuse=reuse)
     finally:
         torch.set_num_threads(before)
-    return {"threads": threads, "default_threads": before, "seconds": time.perf_counter() - started}
+    return {"threads": threads, "default_threads": fit_threads(cfg.threads, cfg.workers), "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,9 +515,11 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
         return run_dose(cfg, command, trainer_kwargs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.protocol.float_noise_threads and cfg.protocol.float_noise_threads == torch.get_num_threads():
-        raise ValueError(f"protocol.float_noise_threads={cfg.protocol.float_noise_threads} is the run's own thread count (threads: "
-                         f"{torch.get_num_threads()}): the re-run would only repeat the same sums; choose another count")
+    own = fit_threads(cfg.threads, cfg.workers)
+    if cfg.protocol.float_noise_threads and cfg.protocol.float_noise_threads == own:
+        raise ValueError(f"protocol.float_noise_threads={cfg.protocol.float_noise_threads} is the thread count the run's models and methods "
+                         f"use (threads: {cfg.threads or torch.get_num_threads()} over workers: {cfg.workers}): the re-run would only "
+                         "repeat the same sums; choose another count")
     started = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     scores_root = out_dir / "scores"
@@ -577,7 +591,7 @@ def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float, history: Optional[
     lines += [f"Run facts: seeds {seeds_of(cfg)}, settings {settings_of(cfg)}; θ0 and every leave-group-out model: "
              f"{cfg.fit.max_steps} steps of batch {cfg.fit.batch_size} ({cfg.lm.optimizer.name}, lr {cfg.lm.optimizer.lr:g}, {cfg.lm.lr_schedule}); "
              f"model {cfg.model.config or cfg.model.name_or_path}; wall time of this invocation {wall / 60:.1f} min "
-             f"(torch threads: {torch.get_num_threads()})."]
+             f"(torch threads per model or method run: {fit_threads(cfg.threads, cfg.workers)}, in {cfg.workers} worker process(es))."]
     for setting, seeds in runs.items():
         for seed, info in seeds.items():
             t = info["timings"]
