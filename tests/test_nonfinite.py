@@ -143,3 +143,33 @@ def test_max_loss_stops_the_ascent_early(tiny_spec, quickstart, tmp_path):
 def test_max_loss_must_be_finite_and_positive(value):
     with pytest.raises(ValueError, match="max_loss must be a finite number > 0"):
         UnlearningSchedule(max_loss=value)
+
+
+class _NaNAtStep(UnTracModule):
+    """The ascent loss turns NaN from optimizer step ``bad`` on; the guard is read every ``every`` steps
+    (as on an accelerator, where reading it per step would stall the device)."""
+
+    def __init__(self, *args, bad: int, every: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad, self.every, self.steps_run = bad, every, []
+
+    def finite_check_every(self, device):
+        return self.every
+
+    def _ascent_loss(self, batch):
+        loss = super()._ascent_loss(batch)
+        self.steps_run.append(self.trainer.global_step)
+        return loss * float("nan") if self.trainer.global_step >= self.bad else loss
+
+
+@pytest.mark.parametrize("bad, every, steps, ran", [(2, 4, 6, 4), (1, 32, 3, 3), (1, 1, 3, 2)])
+def test_a_deferred_guard_still_names_the_first_non_finite_step(tiny_spec, quickstart, bad, every, steps, ran):
+    """Read every 4 steps: the NaN of step 2 is found at step 3 and reported as step 2; read every 32 steps
+    over a 3-step target: found at the target's end; read every step: the ascent stops at once."""
+    train, queries = _records(quickstart, n_queries=1)
+    module = _NaNAtStep(model=tiny_spec(), optimizer=OptimizerSpec(lr=1e-3), bad=bad, every=every,
+                        unlearning=UnlearningSchedule(num_steps=steps, num_epochs=None, batch_size=None))
+    dm = AttributionDataModule.from_records(train, queries, max_length=40, eval_batch_size=8)
+    result = run_attribution(module, dm, AttributionConfig(output_dir="unused", overwrite=True), CPU, write=False)
+    assert {q: info["step"] for q, info in result.failed.items()} == {queries[0]["id"]: bad}
+    assert module.steps_run == list(range(ran))

@@ -19,7 +19,7 @@ def _tiny(name: str, n_layer: int, n_embd: int) -> dict:
 
 
 def test_scaling_records_parameters_runtime_memory_and_failures(tmp_path, monkeypatch):
-    # The CPU memory figure is the process RSS sampled at every batch end (MemoryMonitor). Real RSS cannot be
+    # The CPU memory figure is the process RSS sampled every 16 batches and at each phase end (MemoryMonitor). Real RSS cannot be
     # checked against anything exact, so the RSS source is replaced by one returning seeded random sizes, and
     # every value is recorded with who asked for it: the reported peaks must be the maxima of exactly the
     # values sampled during that model's attribution, per phase, in GiB. (memory_gb = max of the phase peaks

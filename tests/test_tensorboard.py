@@ -33,7 +33,7 @@ data:
   queries: [{{path: {queries}}}]
   max_length: 48
   eval_batch_size: 8
-trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false}}
+trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false, log_every_n_steps: 1}}
 """
 GROUPS = ("animals", "cooking", "sports", "insults")
 
@@ -203,3 +203,12 @@ def test_failed_targets_are_logged_and_counted(tmp_path, data):
     assert not any(t.startswith("target/group_score/") for t in scalars) and not acc.Tags()["histograms"]
     assert [e.step for e in acc.Scalars("target/optimizer_steps")] == list(range(len(data[1])))
     assert "Failed targets" in _texts(acc)["run/summary"]
+
+
+def test_ascent_curve_is_written_every_log_every_n_steps_and_at_each_targets_last_step(tmp_path, data):
+    """4 targets x 2 steps = run-level steps 0..7; every 3rd step (0, 3, 6) and each target's last (1, 3, 5, 7)."""
+    out = tmp_path / "run"
+    _attribute(_config(data, tmp_path, "untrac_inv", out), "--trainer.log_every_n_steps", "3")
+    acc = _accumulator(out)
+    assert [e.step for e in acc.Scalars("unlearning/ascent_loss")] == [0, 1, 3, 5, 6, 7]
+    assert [e.step for e in acc.Scalars("target/optimizer_steps")] == [0, 1, 2, 3]  # per target, whatever the cadence

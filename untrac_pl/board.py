@@ -253,8 +253,10 @@ def run_metrics(table, failed: int) -> dict:
 class RunBoard:
     """What one run writes to TensorBoard besides Lightning (see the module docstring for the tags)."""
 
-    def __init__(self, logger, plan, kind: str = "unlearning", formula: str = ""):
+    def __init__(self, logger, plan, kind: str = "unlearning", formula: str = "", log_every_n_steps: int = 1):
         self.logger, self.plan, self.kind, self.formula = logger, plan, kind, formula
+        # the ascent curve is written at run-level steps that are multiples of this, and at each target's last step
+        self.log_every_n_steps = max(1, int(log_every_n_steps))
         self.tb = None
         self._curves: dict[str, list] = {}
         self._seen: set = set()  # (tag, step) of the events an interrupted run left (open)
@@ -339,8 +341,10 @@ class RunBoard:
         else:
             offset = sum(int(steps.get(t.id, 0)) for t in self.plan.targets[: target.position])
         self._next = (target.position + 1, offset + taken)
+        every = self.log_every_n_steps
         for i, value in enumerate(values):
-            self.logger.log_metrics({"unlearning/ascent_loss": value}, step=offset + i)
+            if (offset + i) % every == 0 or i == len(values) - 1:
+                self.logger.log_metrics({"unlearning/ascent_loss": value}, step=offset + i)
         metrics = {"target/optimizer_steps": float(taken)}
         if values:
             metrics.update({"target/own_loss_first": values[0], "target/own_loss_last": values[-1]})

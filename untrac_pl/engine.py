@@ -79,6 +79,8 @@ class AttributionRunner:
     def __init__(self, module: UnTracModule, datamodule: AttributionDataModule, config: AttributionConfig, trainer_kwargs: Optional[dict] = None):
         self.module, self.datamodule, self.config = module, datamodule, config
         self.trainer_kwargs = dict(trainer_kwargs or {})
+        # Lightning's default (50): the ascent curve in TensorBoard every 50 run-level steps and at each target's last
+        self.log_every_n_steps = int(self.trainer_kwargs.get("log_every_n_steps") or 50)
         self.method: AttributionMethod = get_method(config.method)
         self.restore = RestoreWeights(offload_device=config.snapshot_device)
         self.memory = MemoryMonitor()
@@ -121,7 +123,7 @@ class AttributionRunner:
         kwargs.setdefault("enable_model_summary", False)
         kwargs.setdefault("num_sanity_val_steps", 0)
         kwargs.setdefault("max_epochs", 1)
-        kwargs.setdefault("log_every_n_steps", 1)
+        kwargs.setdefault("log_every_n_steps", self.log_every_n_steps)
         # the engine shards evaluation itself (untrac_pl.distributed) and ascent data is never sharded:
         # forced off, since the CLI passes Lightning's default (True) explicitly
         kwargs["use_distributed_sampler"] = False
@@ -162,7 +164,7 @@ class AttributionRunner:
             self.writer.begin(plan, run_dir)
             ctx.logger = self._logger(run_dir) if write else None  # every method logs, the baselines too
             if ctx.logger is not None:
-                ctx.board = RunBoard(ctx.logger, plan, method.kind, method.formula).open()
+                ctx.board = RunBoard(ctx.logger, plan, method.kind, method.formula, self.log_every_n_steps).open()
             with quiet_lightning():
                 method.theta0(ctx)
                 if method.kind == "unlearning":  # one bar over the targets, counting those a resumed run has

@@ -65,6 +65,9 @@ class UnTracModule(CausalLMHolder):
         self.target: Optional[Target] = None
         self.keep_on_device = False
         self._step_losses: list[torch.Tensor] = []
+        self._first_bad: Optional[torch.Tensor] = None  # device-side non-finite guard (_watch_finite)
+        self._bad_value: Optional[torch.Tensor] = None
+        self._amp_skipped: Optional[torch.Tensor] = None  # 16-mixed skipped steps, counted on the device
         # the current target's loss per optimizer step, as tensors (no host sync per step); the run's
         # TensorBoard logs it once the target is finished (untrac_pl.board)
         self.ascent_curve: list[torch.Tensor] = []
@@ -135,15 +138,47 @@ class UnTracModule(CausalLMHolder):
         losses = self(batch)
         return losses.sum() / batch["denominator"]
 
+    # steps between two host reads of the device-side non-finite guard on an accelerator (on the CPU
+    # the read costs nothing and happens every step); the first bad step is named exactly either way
+    FINITE_CHECK_EVERY = 32
+
     def on_train_start(self) -> None:
         self.ascent_curve = []
+        self._first_bad = self._bad_value = None
+        self.amp_skipped_steps = 0  # over the whole target (every epoch)
+        self._amp_skipped = None
 
     def on_train_epoch_start(self) -> None:
         self._step_losses = []
         self.stopped_at_max_loss = False
-        self.amp_skipped_steps = 0
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_non_finite()  # the end of a target (or of one of its epochs): whatever the cadence
+
+    def _watch_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Remember, on the loss's device, the first step whose loss is not finite, and its value."""
+        loss = loss.detach().float()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_value = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._first_bad = torch.where(new, torch.full_like(self._first_bad, step), self._first_bad)
+        self._bad_value = torch.where(new, loss, self._bad_value)
+        if (step + 1) % self.finite_check_every(loss.device) == 0:
+            self._raise_if_non_finite()
+
+    def finite_check_every(self, device: torch.device) -> int:
+        """Steps between two host reads of the guard: every step on the CPU (a read costs nothing
+        there), ``FINITE_CHECK_EVERY`` on an accelerator; the target's end always reads it."""
+        return 1 if device.type == "cpu" else self.FINITE_CHECK_EVERY
+
+    def _raise_if_non_finite(self) -> None:
+        if self._first_bad is not None and int(self._first_bad) >= 0:  # the one host read
+            raise NonFiniteLossError(self.target.id if self.target else "?", int(self._first_bad), float(self._bad_value))
 
     def on_train_end(self) -> None:
+        if self._amp_skipped is not None:  # counted on the device, read once per target
+            self.amp_skipped_steps, self._amp_skipped = int(self._amp_skipped), None
         skipped = self.amp_skipped_steps
         if skipped:
             log.warning(
@@ -154,20 +189,20 @@ class UnTracModule(CausalLMHolder):
         opt = self.optimizers()
         loss = self._ascent_loss(batch)
         step = self.trainer.global_step
-        target_id = self.target.id if self.target else "?"
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(target_id, step, float(loss.detach()))
+        self._watch_finite(loss, step)  # no host sync per step on an accelerator
         self.manual_backward(-loss)  # gradient ASCENT: the one and only negation
         self._step_losses.append(loss.detach())
-        if bool(batch["step_end"]):
+        if batch["step_end"]:
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed loss scaling
-            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-            opt.step()  # with a scaler: unscale, skip on inf/nan gradients, update the scale
-            skipped = scale is not None and scaler.get_scale() < scale
-            if skipped:
-                self.amp_skipped_steps += 1
+            scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+            scale = scale.clone() if scale is not None else None  # the scale tensor, on the device: no host read
+            opt.step()  # with a scaler: unscale, skip on inf/nan gradients, update the scale (it shrinks on a skip)
+            skipped = None if scale is None else scaler._scale < scale
+            if skipped is not None:
+                self._amp_skipped = skipped.long() if self._amp_skipped is None else self._amp_skipped + skipped.long()
             scheduler = self.lr_schedulers()
-            if scheduler is not None and not skipped:  # as the HF Trainer: no lr step for a skipped update
+            # as the HF Trainer: no lr step for a skipped update (the one case that reads the device per step)
+            if scheduler is not None and (skipped is None or not bool(skipped)):
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
             step_loss = torch.stack(self._step_losses).sum().detach()

@@ -8,6 +8,7 @@ over the targets whose postfix says which target is unlearned or scored and at w
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from lightning.pytorch.callbacks import Callback, ProgressBar
@@ -25,8 +26,11 @@ class TargetProgressBar(ProgressBar):
     A target whose ascent diverges counts as done (marked failed); an interrupt closes the bars where they are.
     """
 
+    NOTE_EVERY_S = 0.1  # the ascent step shown at most this often
+
     def __init__(self) -> None:
         super().__init__()
+        self._noted = 0.0
         self._enabled = True
         self.theta0: Optional[Progress] = None
         self.targets: Optional[Progress] = None
@@ -80,7 +84,9 @@ class TargetProgressBar(ProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         target = pl_module.target
-        if target is not None and self.targets is not None:
+        now = time.perf_counter()
+        if target is not None and self.targets is not None and now - self._noted >= self.NOTE_EVERY_S:  # a bounded rate, not per step
+            self._noted = now
             total = f"/{self._step_total}" if self._step_total else ""
             self.targets.note(f"{target.id}: unlearn step {trainer.global_step}{total}")
 

@@ -136,5 +136,5 @@ class AscentDataset(Dataset):
         batch = self.collator([self.examples[self.indices[p]] for p in entry["positions"]])
         batch["denominator"] = torch.tensor(float(entry["denominator"]))
         batch["micro_batches"] = torch.tensor(float(entry["micro_batches"]))
-        batch["step_end"] = torch.tensor(entry["step_end"])
+        batch["step_end"] = bool(entry["step_end"])  # a host value: reading it never waits for the device
         return batch

@@ -11,7 +11,7 @@ For every model: load it once, attribute ``test_cases`` test texts against ``sam
 texts in one engine run (UnTrac-Inv: each test text is one target; θ0 losses computed once), and
 record the parameter count, the runtime of the attribution (loading excluded) and the peak memory
 from the engine's :class:`~untrac_pl.callbacks.memory.MemoryMonitor` report (CUDA:
-``max_memory_allocated``; CPU: process RSS sampled per batch, a lower bound that also counts
+``max_memory_allocated``; CPU: process RSS sampled every 16 batches and at each phase end, a lower bound that also counts
 everything else the process holds, including earlier models' leftovers).
 
 Output ``<output_dir>/scaling_experiment_results.json``: ``models{name: {...}}`` and
