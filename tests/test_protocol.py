@@ -279,6 +279,10 @@ def test_dose_benchmark_end_to_end_on_generated_corpora(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Spearman (score vs dose)" in md and (tmp_path / "out" / "dose.png").exists()
     assert "Float noise: the 50 % dose re-run with 2 torch thread(s) instead of 1" in md and "a unigram model of the training tokens" in md
+    (tmp_path / "out" / "results.md").unlink()
+    cfg.evaluate_only = True  # the report again from dose.json, nothing retrained
+    reproduce(cfg, command="again")
+    assert (tmp_path / "out" / "results.md").read_text() == md
 
 
 def test_stored_configuration_without_newer_fields_still_resumes():

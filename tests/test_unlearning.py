@@ -111,9 +111,14 @@ def test_one_sgd_step_full_batch_is_lr_times_graddot(tiny_spec, quickstart):
     graddot = torch.stack([grad_of(dm.collator([ex])) @ g_query for ex in dm.train_corpus.examples])
     scores = result.table.scores[0]
     assert result.table.row_ids == ["q"]
-    ratio = scores / (lr * graddot)
+    predicted = lr * graddot
     assert torch.corrcoef(torch.stack([scores, graddot]))[0, 1] > 0.999
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.05)  # second-order terms: ~2% here
+    # error model: second-order terms (~2 % here) plus the float32 rounding of the two losses the score is the
+    # difference of (2 ulps of a ~4-nat loss), which decides an example whose gradient is nearly orthogonal
+    # to the query's (its change can round to exactly 0, depending on the CPU that trained θ0)
+    ulp = torch.finfo(torch.float32).eps * float(torch.stack([model_per_example_loss(model, dm.collator([ex])) for ex in dm.train_corpus.examples]).max())
+    assert ((scores - predicted).abs() <= 0.05 * predicted.abs() + 2 * ulp).all(), (scores, predicted)
+    assert (predicted.abs() > 40 * ulp).float().mean() >= 0.5  # and most examples are far above the rounding
 
 
 def test_theta0_restored_bit_exactly_and_order_independent(tiny_spec, quickstart):

@@ -153,6 +153,15 @@ def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> d
     ``protocol.float_noise_threads`` the highest dose is re-run with that thread count into
     ``scores/noise/``, so the report says how much rounding alone moves each method's standing."""
     started = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    if cfg.evaluate_only:  # the report again from dose.json (nothing is retrained)
+        path = out_dir / "dose.json"
+        if not path.exists():
+            raise FileNotFoundError(f"--evaluate_only true: {path} does not exist (run the benchmark first)")
+        record = json.loads(path.read_text())
+        figure = _figure(record["doses"], cfg.methods, out_dir)
+        write_text_atomic(out_dir / "results.md", _markdown(cfg, record, figure))
+        return {"metrics": str(path), "markdown": str(out_dir / "results.md"), "figures": [figure]}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     own = fit_threads(cfg.threads, cfg.workers)
@@ -162,7 +171,6 @@ def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> d
                          "choose another count")
     spec_dose: DoseSpec = cfg.dose
     seed = cfg.seeds[0]
-    out_dir = Path(cfg.output_dir)
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
     data = corpora_data(cfg, "equal", seed)
     spec = replace(cfg.model, init_seed=seed) if cfg.model.config is not None else cfg.model
@@ -269,10 +277,10 @@ def _noise_lines(noise: Optional[dict], names: list[str]) -> list[str]:
         return []
     per = noise["methods"]
     return [f"Float noise: the {noise['dose'] * 100:g} % dose re-run with {noise['threads']} torch thread(s) instead of {noise['default_threads']} "
-            f"(same code, data and config) moved θ0's test loss by {abs(noise['test_loss_change']):.4f} nats, and per method the planted "
+            f"(same code, data and config) moved θ0's test loss by {abs(noise['test_loss_change']):.2g} nats, and per method the planted "
             "group's score by (in units of the spread of the groups' scores) / its rank (first run → re-run) / the dose Spearman with the "
-            "re-run substituted: " + "; ".join(f"{display_name(n)} {per[n]['score_change_in_spread']:.3f} / #{per[n]['rank'][0]} → #{per[n]['rank'][1]} / "
-                                               f"{per[n]['spearman_change']:.3f}" for n in names)
+            "re-run substituted: " + "; ".join(f"{display_name(n)} {per[n]['score_change_in_spread']:.2g} / #{per[n]['rank'][0]} → #{per[n]['rank'][1]} / "
+                                               f"{per[n]['spearman_change']:.2g}" for n in names)
             + ". Byte-identical results hold only on the same machine and software.", ""]
 
 
