@@ -419,8 +419,15 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
         share = models_s / max(sum(fit_seconds.values()), 1e-9)
         timings["fit_theta0_s"] = fit_seconds["full"] * share
         timings["workers"] = cfg.workers
+        timings["threads_per_job"] = pool.threads
         if reuse_gt:
             gt, runs = ScoreTable.load(gt_path), {}
+            stored_threads = gt.metadata.get("timings", {}).get("threads_per_job")
+            if stored_threads is not None and int(stored_threads) != pool.threads:
+                raise ReproduceResumeError(f"--resume true: '{seed_dir}' was computed with {stored_threads} torch thread(s) per job, this run "
+                                           f"uses {pool.threads} (threads: {cfg.threads or torch.get_num_threads()} over workers: {cfg.workers}); "
+                                           "new models would round differently from the stored ground truth: resume with the same threads "
+                                           "and workers, or rerun with --resume false")
             stored = gt.metadata.get("base_query_loss")
             if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
                 raise RuntimeError(f"{setting} seed {seed}: retrained θ0 has mean test loss {float(base.mean()):.6f}, the stored ground "
