@@ -43,7 +43,7 @@ from untrac_pl.experiments.datasets import (  # noqa: F401  (the reproduction's 
     synthetic_data,
 )
 from untrac_pl.experiments.dose import DoseSpec, run_dose
-from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, methods_job, payload_for
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, lm_kwargs_of, methods_job, payload_for
 from untrac_pl.experiments.methods import MethodData, MethodSpec
 from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import (
@@ -374,7 +374,8 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     query_groups = [r["group"] for r in query_records]
     net = build_model(spec, tokenizer)
     init_state = copy.deepcopy(net.state_dict())
-    lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps, max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
+    lm_kwargs = lm_kwargs_of(cfg)
+    lm = CausalLMModule(model=spec, **lm_kwargs)
     lm.attach(net, tokenizer)
     train_corpus = tokenize_records(train_records, tokenizer, cfg.max_length, "training data")
     query_corpus = tokenize_records(query_records, tokenizer, cfg.max_length, "queries")
@@ -390,8 +391,6 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     seed_dir.mkdir(parents=True, exist_ok=True)
     reuse_gt = reuse and gt_path.exists()
-    lm_kwargs = {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
-                 "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
     log = {"save_dir": cfg.log_dir or str(Path(cfg.output_dir) / "tensorboard"), "name": f"{setting}/seed{seed}"}
     payload, local = payload_for(lm, spec, tokenizer, lm_kwargs, init_state, train_corpus, query_corpus, train_records=train_records,
                                  query_records=query_records, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
