@@ -324,3 +324,16 @@ def test_workers_must_be_positive_and_float_noise_needs_another_thread_count(tmp
     cfg.workers, cfg.threads = 2, 2  # each job runs with one thread: a one-thread re-run would repeat it
     with pytest.raises(ValueError, match="float_noise_threads=1"):
         reproduce(cfg, command="x")
+
+
+def test_resume_with_another_thread_count_per_job_is_refused(tmp_path):
+    """The stored ground truth was trained at one thread per job; new models at two would round otherwise."""
+    from untrac_pl.experiments.reproduce import ReproduceResumeError
+
+    cfg = _tiny(tmp_path, batch_orders=[0, 1], runs=[0], bootstrap_resamples=50, permutations=50)
+    cfg.threads, cfg.workers = 1, 1
+    reproduce(cfg, command="first")
+    cfg.threads, cfg.resume = 2, True
+    cfg.protocol = Protocol(batch_orders=[0, 1], runs=[0], lds_models=8, bootstrap_resamples=50, permutations=50)
+    with pytest.raises(ReproduceResumeError, match="1 torch thread"):
+        reproduce(cfg, command="second")

@@ -27,7 +27,7 @@ from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.metrics import standardise
 from untrac_pl.evaluation.statistics import dose_response
 from untrac_pl.experiments.datasets import corpora_data, corpus_blocks
-from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, methods_job, payload_for
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, lm_kwargs_of, methods_job, payload_for
 from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import unigram_baseline
 from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
@@ -179,8 +179,7 @@ def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> d
     pool, tests = behaviour_statements(Path(cfg.corpora.tests_dir) / spec_dose.source_file, spec_dose.min_toxicity, spec_dose.test_samples, seed)
     net = build_model(spec, tokenizer)
     init_state = copy.deepcopy(net.state_dict())
-    lm_kwargs = {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
-                 "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
+    lm_kwargs = lm_kwargs_of(cfg)
     lm = CausalLMModule(model=spec, **lm_kwargs)
     lm.attach(net, tokenizer)
     fit_spec = replace(cfg.fit, seed=seed, exclude_groups=[], checkpoint_steps=list(cfg.fit.checkpoint_steps), order_seed=seed)

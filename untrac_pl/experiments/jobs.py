@@ -23,6 +23,12 @@ from untrac_pl.models import build_model
 from untrac_pl.training import FitSpec, fit_lm, load_weights, save_weights
 
 
+def lm_kwargs_of(cfg) -> dict:
+    """The :class:`~untrac_pl.lm.CausalLMModule` arguments of a ReproduceConfig's ``lm:`` and ``fit:`` sections."""
+    return {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
+            "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
+
+
 def build_lm(model_spec, tokenizer, lm_kwargs: dict) -> dict:
     """A fresh module with the spec's model attached (its weights are each job's to load)."""
     lm = CausalLMModule(model=model_spec, **lm_kwargs)

@@ -43,7 +43,7 @@ from untrac_pl.experiments.datasets import (  # noqa: F401  (the reproduction's 
     synthetic_data,
 )
 from untrac_pl.experiments.dose import DoseSpec, run_dose
-from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, methods_job, payload_for
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, lm_kwargs_of, methods_job, payload_for
 from untrac_pl.experiments.methods import MethodData, MethodSpec
 from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import (
@@ -374,7 +374,8 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     query_groups = [r["group"] for r in query_records]
     net = build_model(spec, tokenizer)
     init_state = copy.deepcopy(net.state_dict())
-    lm = CausalLMModule(model=spec, optimizer=cfg.lm.optimizer, lr_schedule=cfg.lm.lr_schedule, warmup_steps=cfg.lm.warmup_steps, max_steps=cfg.fit.max_steps, grad_clip=cfg.lm.grad_clip)
+    lm_kwargs = lm_kwargs_of(cfg)
+    lm = CausalLMModule(model=spec, **lm_kwargs)
     lm.attach(net, tokenizer)
     train_corpus = tokenize_records(train_records, tokenizer, cfg.max_length, "training data")
     query_corpus = tokenize_records(query_records, tokenizer, cfg.max_length, "queries")
@@ -390,8 +391,6 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
     gt_path = seed_dir / f"{GROUND_TRUTH}.safetensors"
     seed_dir.mkdir(parents=True, exist_ok=True)
     reuse_gt = reuse and gt_path.exists()
-    lm_kwargs = {"optimizer": cfg.lm.optimizer, "lr_schedule": cfg.lm.lr_schedule, "warmup_steps": cfg.lm.warmup_steps,
-                 "max_steps": cfg.fit.max_steps, "grad_clip": cfg.lm.grad_clip}
     log = {"save_dir": cfg.log_dir or str(Path(cfg.output_dir) / "tensorboard"), "name": f"{setting}/seed{seed}"}
     payload, local = payload_for(lm, spec, tokenizer, lm_kwargs, init_state, train_corpus, query_corpus, train_records=train_records,
                                  query_records=query_records, max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size,
@@ -419,8 +418,15 @@ def run_setting_seed(cfg: ReproduceConfig, setting: str, seed: int, methods: lis
         share = models_s / max(sum(fit_seconds.values()), 1e-9)
         timings["fit_theta0_s"] = fit_seconds["full"] * share
         timings["workers"] = cfg.workers
+        timings["threads_per_job"] = pool.threads
         if reuse_gt:
             gt, runs = ScoreTable.load(gt_path), {}
+            stored_threads = gt.metadata.get("timings", {}).get("threads_per_job")
+            if stored_threads is not None and int(stored_threads) != pool.threads:
+                raise ReproduceResumeError(f"--resume true: '{seed_dir}' was computed with {stored_threads} torch thread(s) per job, this run "
+                                           f"uses {pool.threads} (threads: {cfg.threads or torch.get_num_threads()} over workers: {cfg.workers}); "
+                                           "new models would round differently from the stored ground truth: resume with the same threads "
+                                           "and workers, or rerun with --resume false")
             stored = gt.metadata.get("base_query_loss")
             if stored is not None and abs(float(stored) - float(base.mean())) > 1e-4 * max(1.0, abs(float(stored))):
                 raise RuntimeError(f"{setting} seed {seed}: retrained θ0 has mean test loss {float(base.mean()):.6f}, the stored ground "
