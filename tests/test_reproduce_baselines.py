@@ -74,7 +74,7 @@ def test_untrac_options_are_applied_or_refused():
     from untrac_pl.experiments.methods import MethodOptionError
 
     with pytest.raises(MethodOptionError, match="^methods\\[u1\\]\\.options\\.targets_per_pas: untrac has no option "
-                                                "'targets_per_pas' \\(did you mean 'targets_per_pass'\\?\\); untrac accepts: targets_per_pass, snapshot_device"):
+                                                "'targets_per_pas' \\(did you mean 'targets_per_pass'\\?\\); untrac accepts: targets_per_pass, parallel_targets, snapshot_device"):
         MethodSpec(name="untrac", label="u1", options={"targets_per_pas": 2})
     with pytest.raises(MethodOptionError, match="^methods\\[untrac_inv\\]\\.options\\.targets_per_pass: must be an integer >= 1, got 0"):
         MethodSpec(name="untrac_inv", options={"targets_per_pass": 0})

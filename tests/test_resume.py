@@ -215,6 +215,8 @@ def test_fingerprint_ignores_presentation_options(tiny_spec, quickstart, tmp_pat
     same = AttributionConfig(output_dir=str(tmp_path / "b"), top_k=3, snippet_chars=20, overwrite=True, targets_per_pass=2)
     assert digest(base) == digest(same) == digest(base, dict(CPU, logger=True, enable_progress_bar=True, devices=2))
     assert digest(base) != digest(AttributionConfig(seed=1))
+    # K targets stepped together round differently: a resume never mixes them with sequential targets
+    assert digest(base) == digest(AttributionConfig(parallel_targets=1)) != digest(AttributionConfig(parallel_targets=4))
     assert digest(base) != digest(base, dict(CPU, precision="bf16-true"))
     assert digest(base, dict(CPU, precision=16)) == digest(base, dict(CPU, precision="16-mixed"))  # one precision, two names
     assert digest(base, dict(CPU, precision="32")) == digest(base)

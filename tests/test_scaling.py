@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from untrac_pl.callbacks.memory import MemoryMonitor
 from untrac_pl.compat import UnTracConfig
 from untrac_pl.experiments.scaling import ScalingExperiment, ScalingExperimentConfig
 
@@ -80,8 +81,11 @@ def test_scaling_records_parameters_runtime_memory_and_failures(tmp_path, monkey
         assert all(len(r["top_influences"]) == 3 for r in model["influence_results"])
         assert {phase for phase, _ in segment} == {"unlearning", "scoring"}
         assert model["memory_before_gb"] == before_value / 2**30
+        # one sample every cpu_sample_every batches (from batch 0) plus one at each phase end, per Trainer run:
         # unlearning: 2 targets x 1 step; scoring: (θ0 + 2 targets) x 8 training texts in batches of 4
-        expected_samples = {"unlearning": 2, "scoring": 3 * (8 // config.eval_batch_size)}
+        every = MemoryMonitor().cpu_sample_every
+        per_run = lambda batches: -(-batches // every) + 1  # noqa: E731
+        expected_samples = {"unlearning": 2 * per_run(1), "scoring": 3 * per_run(8 // config.eval_batch_size)}
         for phase, n_samples in expected_samples.items():
             values = [v for ph, v in segment if ph == phase]
             assert len(values) == n_samples

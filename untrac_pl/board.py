@@ -145,7 +145,7 @@ HPARAMS_SCHEMA = {
     "num_targets": float, "seed": float, "precision": str, "baseline": str, "weight_decay": float,
     "unlearning.num_steps": float, "unlearning.num_epochs": float, "unlearning.batch_size": str,
     "unlearning.loss_reduction": str, "unlearning.lr_schedule": str, "unlearning.max_grad_norm": float,
-    "unlearning.max_loss": float, "targets_per_pass": float,
+    "unlearning.max_loss": float, "targets_per_pass": float, "parallel_targets": float,
 }
 # shown first and ticked in the HParams tab (it ticks the first five; ``steps``: mean optimizer steps per target)
 HPARAMS_HEADLINE = ("method", "target_unit", "optimizer", "lr", "steps")
@@ -198,6 +198,7 @@ def run_hparams(ctx, method) -> dict:
             "unlearning.max_grad_norm": schedule.max_grad_norm,
             "unlearning.max_loss": schedule.max_loss,
             "targets_per_pass": config.targets_per_pass,
+            "parallel_targets": getattr(config, "parallel_targets", 1),
         })
     else:
         options = getattr(ctx, "options", None) or {}

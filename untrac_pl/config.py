@@ -24,6 +24,9 @@ class AttributionConfig:
         snippet_chars: length of the text snippets in ``rankings.json``.
         targets_per_pass: UnTrac / UnTrac-Inv: unlearn this many targets one after another and score
             them together in one pass over the evaluation data; scores equal ``1``'s.
+        parallel_targets: UnTrac / UnTrac-Inv: unlearn this many targets at once in one batched
+            computation (``torch.func.vmap``, :mod:`untrac_pl.parallel`), then score them in one pass;
+            scores equal ``1``'s to float rounding. Memory: K copies of the trainable tensors.
         snapshot_device: ``cpu`` keeps the θ0 snapshot in host memory instead of on the accelerator
             (saves one copy of the trainable weights on the GPU; costs a host-to-device copy per target).
         resume: continue ``<output_dir>.partial`` when it holds finished targets of the same
@@ -41,13 +44,14 @@ class AttributionConfig:
     seed: int = 0
     snippet_chars: int = 200
     targets_per_pass: int = 1
+    parallel_targets: int = 1
     snapshot_device: Optional[str] = None
     resume: bool = True
     restart: bool = False
     baseline: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name, low in (("top_k", 1), ("snippet_chars", 1), ("targets_per_pass", 1)):
+        for name, low in (("top_k", 1), ("snippet_chars", 1), ("targets_per_pass", 1), ("parallel_targets", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"attribution.{name} must be an integer >= {low}, got {value!r}")

@@ -96,6 +96,8 @@ def run_fingerprint(config, module, datamodule, plan, trainer_kwargs: Optional[d
             "queries": {"examples": len(datamodule.query_corpus), "sha256": corpus_digest(datamodule.query_corpus)},
         },
         "trainer": trainer,
+        # K targets stepped together round differently from one at a time (and draw other dropout masks)
+        **({"parallel_targets": config.parallel_targets} if getattr(config, "parallel_targets", 1) > 1 else {}),
     }
 
 

@@ -19,6 +19,7 @@ from untrac_pl.losses import model_losses, model_token_mean_loss
 from untrac_pl.models import ModelSpec
 from untrac_pl.multiquery import losses_with_parameter_sets
 from untrac_pl.optim import OptimizerSpec, build_lr_scheduler, build_optimizer
+from untrac_pl.parallel import clip_per_target, parallel_step_losses
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class UnTracModule(CausalLMHolder):
         # targets_per_pass > 1 (untrac_pl.multiquery): targets scored together, one parameter set each
         self.pass_targets: Optional[list[Target]] = None
         self.pass_parameters: Optional[list[dict]] = None
+        # parallel_targets > 1 (untrac_pl.parallel): the targets of one fit and their stacked [K, ...] tensors
+        self.parallel_targets: Optional[list[Target]] = None
+        self.stacked: Optional[dict[str, torch.Tensor]] = None
 
     # -- what the run shell connects (explicit late binding, not attributes read back elsewhere) ---
     def connect(self, base_losses: Optional[torch.Tensor] = None, keep_on_device: bool = False) -> None:
@@ -91,6 +95,20 @@ class UnTracModule(CausalLMHolder):
     def set_pass(self, targets: Optional[list[Target]], parameter_sets: Optional[list[dict]]) -> None:
         """Several unlearned targets scored in one ``predict``, each with its own tensors (``None``: off)."""
         self.pass_targets, self.pass_parameters = targets, parameter_sets
+
+    def set_parallel(self, targets: Optional[list[Target]], stacked: Optional[dict[str, torch.Tensor]]) -> None:
+        """K targets unlearned by the next ``fit`` at once, on their own stacked tensors (``None``: off).
+        The net's parameters stay at θ0; the optimizer steps ``stacked`` (:mod:`untrac_pl.parallel`)."""
+        self.parallel_targets, self.stacked = targets, stacked
+        if targets:
+            self.target = targets[0]  # the chunk shares its plan: its step count sets the lr schedule
+
+    def parallel_failures(self) -> dict[str, tuple[int, float]]:
+        """``{target id: (first non-finite step, its loss)}`` of the last parallel fit."""
+        if not self.parallel_targets or self._first_bad is None:
+            return {}
+        steps, values = self._first_bad.tolist(), self._bad_value.tolist()
+        return {t.id: (s, v) for t, s, v in zip(self.parallel_targets, steps, values) if s >= 0}
 
     def scored_targets(self) -> list[Target]:
         """The targets whose scores the current ``predict`` pass produces (empty at θ0)."""
@@ -115,7 +133,8 @@ class UnTracModule(CausalLMHolder):
         take_rank0_gradient(self.trainer.strategy.model)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_spec, self.net.parameters())
+        params = self.stacked.values() if self.stacked is not None else self.net.parameters()
+        optimizer = build_optimizer(self.optimizer_spec, params)
         schedule = self.schedule
         if schedule.lr_schedule == "constant":
             return optimizer
@@ -127,11 +146,16 @@ class UnTracModule(CausalLMHolder):
     def on_before_optimizer_step(self, optimizer) -> None:
         # called by Lightning inside opt.step(), after the 16-mixed GradScaler has unscaled the
         # gradients, so the clipping threshold applies to the true gradient (as in the HF Trainer)
-        if self.schedule.max_grad_norm:
+        if self.schedule.max_grad_norm and self.stacked is not None:
+            clip_per_target(self.stacked, float(self.schedule.max_grad_norm))
+        elif self.schedule.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=float(self.schedule.max_grad_norm), gradient_clip_algorithm="norm")
 
     def _ascent_loss(self, batch: dict) -> torch.Tensor:
-        """This micro-batch's share of its step's loss (the gradient accumulates over micro-batches)."""
+        """This micro-batch's share of its step's loss (the gradient accumulates over micro-batches);
+        ``[K]``, one per target, when K targets step in parallel."""
+        if self.stacked is not None:
+            return parallel_step_losses(self.net, self.stacked, batch, self.schedule.loss_reduction)
         if self.schedule.loss_reduction == "token_mean":
             # the HF Trainer: the micro-batch's token-mean loss, divided by the accumulation steps
             return model_token_mean_loss(self.net, batch) / batch["micro_batches"]
@@ -159,8 +183,8 @@ class UnTracModule(CausalLMHolder):
         """Remember, on the loss's device, the first step whose loss is not finite, and its value."""
         loss = loss.detach().float()
         if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self._bad_value = torch.zeros((), device=loss.device)
+            self._first_bad = torch.full(loss.shape, -1, dtype=torch.long, device=loss.device)  # [K] in parallel
+            self._bad_value = torch.zeros(loss.shape, device=loss.device)
         new = ~torch.isfinite(loss) & (self._first_bad < 0)
         self._first_bad = torch.where(new, torch.full_like(self._first_bad, step), self._first_bad)
         self._bad_value = torch.where(new, loss, self._bad_value)
@@ -173,6 +197,8 @@ class UnTracModule(CausalLMHolder):
         return 1 if device.type == "cpu" else self.FINITE_CHECK_EVERY
 
     def _raise_if_non_finite(self) -> None:
+        if self.stacked is not None:  # parallel: a failed target must not stop the others (parallel_failures)
+            return
         if self._first_bad is not None and int(self._first_bad) >= 0:  # the one host read
             raise NonFiniteLossError(self.target.id if self.target else "?", int(self._first_bad), float(self._bad_value))
 
@@ -190,7 +216,7 @@ class UnTracModule(CausalLMHolder):
         loss = self._ascent_loss(batch)
         step = self.trainer.global_step
         self._watch_finite(loss, step)  # no host sync per step on an accelerator
-        self.manual_backward(-loss)  # gradient ASCENT: the one and only negation
+        self.manual_backward(-loss.sum())  # gradient ASCENT: the one and only negation (a sum over parallel targets)
         self._step_losses.append(loss.detach())
         if batch["step_end"]:
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed loss scaling
@@ -205,7 +231,7 @@ class UnTracModule(CausalLMHolder):
             if scheduler is not None and (skipped is None or not bool(skipped)):
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
-            step_loss = torch.stack(self._step_losses).sum().detach()
+            step_loss = torch.stack(self._step_losses).sum(0).detach()
             self._step_losses = []
             self.ascent_curve.append(step_loss)
             if self.schedule.max_loss is not None and float(step_loss) > self.schedule.max_loss:

@@ -20,6 +20,7 @@ from untrac_pl.data.collate import (
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.schedule import (
     AscentDataset,
+    ParallelAscentDataset,
     UnlearningSchedule,
     plan_micro_batches,
 )
@@ -146,6 +147,14 @@ class AttributionDataModule(pl.LightningDataModule):
         self._require_tokens()
         plan = plan_micro_batches(len(indices), schedule, seed)
         return DataLoader(AscentDataset(corpus.examples, indices, plan, self.collator), batch_size=None, num_workers=self.num_workers)
+
+    def parallel_ascent_dataloader(self, corpus: TokenizedCorpus, indices: Sequence[Sequence[int]], schedule: UnlearningSchedule,
+                                   seeds: Sequence[int]) -> DataLoader:
+        """The planned micro-batches of K targets stepped together (:mod:`untrac_pl.parallel`): item j holds
+        each target's micro-batch j."""
+        self._require_tokens()
+        plans = [plan_micro_batches(len(idx), schedule, seed) for idx, seed in zip(indices, seeds)]
+        return DataLoader(ParallelAscentDataset(corpus.examples, indices, plans, self.collator), batch_size=None, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return self.evaluation_dataloader(self.query_corpus)

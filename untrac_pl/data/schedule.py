@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from untrac_pl.data.collate import PadCollator
-from untrac_pl.losses import LossReduction
+from untrac_pl.losses import IGNORE_INDEX, LossReduction
 from untrac_pl.optim import LrSchedule
 
 
@@ -138,3 +138,43 @@ class AscentDataset(Dataset):
         batch["micro_batches"] = torch.tensor(float(entry["micro_batches"]))
         batch["step_end"] = bool(entry["step_end"])  # a host value: reading it never waits for the device
         return batch
+
+
+def plan_signature(plan: Sequence[dict]) -> tuple:
+    """What must be equal for targets to step together: each micro-batch's step end."""
+    return tuple(bool(entry["step_end"]) for entry in plan)
+
+
+class ParallelAscentDataset(Dataset):
+    """Item ``j``: micro-batch ``j`` of each of K targets, padded to one ``[K, B, T]`` batch.
+
+    A target whose micro-batch is smaller gets padding rows whose labels are all ignored (they add
+    nothing to its loss); ``denominator`` and ``micro_batches`` are ``[K]``.
+    """
+
+    def __init__(self, examples: Sequence[dict], indices: Sequence[Sequence[int]], plans: Sequence[list[dict]], collator: PadCollator):
+        signatures = {plan_signature(p) for p in plans}
+        if len(signatures) != 1:
+            raise ValueError("targets stepped in parallel need the same micro-batch structure (parallel_chunks groups them)")
+        self.examples, self.indices, self.plans, self.collator = examples, [list(i) for i in indices], list(plans), collator
+
+    def __len__(self) -> int:
+        return len(self.plans[0])
+
+    def __getitem__(self, j: int) -> dict:
+        entries = [plan[j] for plan in self.plans]
+        parts = [[self.examples[idx[p]] for p in e["positions"]] for idx, e in zip(self.indices, entries)]
+        rows = max(len(p) for p in parts)
+        width = max(len(x["input_ids"]) for p in parts for x in p)
+        pad = self.collator.pad_token_id
+        filler = {"input_ids": [pad] * width, "labels": [IGNORE_INDEX] * width, "index": -1}
+        # every part made up to `rows` examples, then one collation of K * rows examples right-padded to `width`
+        batch = self.collator([x for p in parts for x in p + [filler] * (rows - len(p))])
+        k = len(parts)
+        return {
+            "input_ids": batch["input_ids"].view(k, rows, width),
+            "labels": batch["labels"].view(k, rows, width),
+            "denominator": torch.tensor([float(e["denominator"]) for e in entries]),
+            "micro_batches": torch.tensor([float(e["micro_batches"]) for e in entries]),
+            "step_end": bool(entries[0]["step_end"]),  # equal for all K (same signature)
+        }

@@ -5,7 +5,8 @@ UnTrac-Inv: targets = queries (each one, or each query subset), evaluation set =
 θ0 losses of the evaluation set are computed once; each target is then unlearned by a fresh
 ``Trainer.fit`` (RestoreWeights brings θ0 back first) and scored by ``Trainer.predict``. With
 ``targets_per_pass: k`` k targets are unlearned one after another and scored in one pass
-(:mod:`untrac_pl.multiquery`). Every finished target is persisted at once (:mod:`untrac_pl.resume`),
+(:mod:`untrac_pl.multiquery`); with ``parallel_targets: K`` K targets are unlearned at once in one
+batched computation and then scored in one pass (:mod:`untrac_pl.parallel`). Every finished target is persisted at once (:mod:`untrac_pl.resume`),
 so a killed run resumes where it stopped; a target whose ascent loss or scores turn NaN/inf is
 marked failed with its step and the run goes on.
 """
@@ -39,7 +40,8 @@ from untrac_pl.methods.base import (
 )
 from untrac_pl.methods.registry import register
 from untrac_pl.multiquery import changed_tensors
-from untrac_pl.quantization import check_scale_options
+from untrac_pl.parallel import check_parallel_options, parallel_chunks, stack_trainable, unstack
+from untrac_pl.quantization import ScaleConfigError, check_scale_options
 from untrac_pl.resume import resume_targets
 from untrac_pl.runtime import json_safe
 from untrac_pl.unlearning import Target
@@ -58,9 +60,14 @@ class UnlearningOptions:
             pass over the evaluation data (``torch.func.functional_call``); scores equal ``1``'s.
         snapshot_device: keep the θ0 snapshot on this device (``cpu``: host memory instead of the
             accelerator; costs a host-to-device copy per target).
+        parallel_targets: unlearn this many targets at once, as one batched computation
+            (``torch.func.vmap``; :mod:`untrac_pl.parallel`), then score them in one pass; scores equal
+            ``1``'s to float rounding (with dropout on: in distribution). Memory: K copies of the
+            trainable tensors and their optimizer state.
     """
 
     targets_per_pass: int = field(default=1, metadata={"doc": "targets unlearned, then scored in one pass"})
+    parallel_targets: int = field(default=1, metadata={"doc": "targets unlearned at once (vmap), then scored in one pass"})
     snapshot_device: Optional[str] = field(default=None, metadata={"doc": "where the θ0 snapshot is kept"})
 
 
@@ -86,9 +93,10 @@ class UnlearningMethod(AttributionMethod):
     Options = UnlearningOptions
 
     def validate_options(self, options: dict, field_name) -> None:
-        value = options.get("targets_per_pass", 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MethodOptionError(f"{field_name('targets_per_pass')}: must be an integer >= 1, got {value!r}")
+        for name in ("targets_per_pass", "parallel_targets"):
+            value = options.get(name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MethodOptionError(f"{field_name(name)}: must be an integer >= 1, got {value!r}")
 
     def config_options(self, options: dict) -> dict:
         """``options`` as AttributionConfig fields (UnTrac's options are engine fields)."""
@@ -101,6 +109,8 @@ class UnlearningMethod(AttributionMethod):
             raise MethodOptionError(f"attribution.baseline.{ignored[0]}: baseline options do nothing for method {config.method}; "
                                     "remove attribution.baseline (or set attribution.method to a baseline such as graddot)")
         check_scale_options(module.model_spec, trainer_kwargs, config.targets_per_pass)
+        if config.parallel_targets > 1:
+            check_parallel_options(config, module.schedule, trainer_kwargs)
 
     def warn_about_schedule(self, plan: AttributionPlan, schedule) -> None:
         """UnTrac's scores grow with the number of ascent steps (the ascent is unbounded), so groups
@@ -142,10 +152,24 @@ class UnlearningMethod(AttributionMethod):
         t1 = time.perf_counter()
         todo = [t for t in ctx.plan.targets if t.id not in ctx.resumed]
         per_pass = max(1, int(ctx.config.targets_per_pass))
+        parallel = max(1, int(ctx.config.parallel_targets))
         try:
-            for start in range(0, len(todo), per_pass):
-                chunk = todo[start : start + per_pass]
-                steps = self._unlearn_and_score(ctx, chunk[0]) if per_pass == 1 else self._unlearn_and_score_chunk(ctx, chunk)
+            if parallel > 1:
+                if ctx.world_size > 1:
+                    raise ScaleConfigError(f"attribution.parallel_targets={parallel} runs in one process; with {ctx.world_size} "
+                                           "processes use parallel_targets: 1 (the processes share the scoring instead)")
+                schedule = ctx.module.schedule
+                plans = {t.id: plan_micro_batches(len(t.indices), schedule, t.seed) for t in todo}
+                chunks = parallel_chunks(todo, plans, parallel)
+            else:
+                chunks = [todo[start : start + per_pass] for start in range(0, len(todo), per_pass)]
+            for chunk in chunks:
+                if parallel > 1:
+                    steps = self._unlearn_and_score_parallel(ctx, chunk)
+                elif per_pass == 1:
+                    steps = self._unlearn_and_score(ctx, chunk[0])
+                else:
+                    steps = self._unlearn_and_score_chunk(ctx, chunk)
                 self._finish_targets(ctx, chunk, steps)
         finally:
             ctx.restore.restore(ctx.module)
@@ -203,6 +227,46 @@ class UnlearningMethod(AttributionMethod):
             module.set_pass(None, None)
         return steps
 
+    def _unlearn_and_score_parallel(self, ctx: RunContext, chunk: list[Target]) -> dict[str, int]:
+        """Unlearn the targets of ``chunk`` at once (one batched ascent) and score them in one pass."""
+        module = ctx.module
+        if len(chunk) == 1:
+            return self._unlearn_and_score(ctx, chunk[0])
+        ctx.restore.restore(module)  # θ0, whatever ran before: every target's copy starts there
+        pl.seed_everything(chunk[0].seed, workers=True, verbose=False)
+        stacked = stack_trainable(module.net, len(chunk))
+        module.set_parallel(chunk, stacked)
+        loader = ctx.datamodule.parallel_ascent_dataloader(ctx.plan.target_corpus, [t.indices for t in chunk], module.schedule,
+                                                           [t.seed for t in chunk])
+        try:
+            trainer = ctx.new_trainer(ctx.logger)
+            trainer.fit(module, train_dataloaders=loader)
+            failures = module.parallel_failures()
+            curve = list(module.ascent_curve)
+        finally:
+            module.set_parallel(None, None)
+        steps: dict[str, int] = {}
+        kept: list[tuple] = []
+        for i, target in enumerate(chunk):
+            if ctx.board is not None:
+                ctx.board.hold_curve(target.id, [c[i] for c in curve])
+            if target.id in failures:
+                step, value = failures[target.id]
+                log.warning("%s; target marked failed, continuing", NonFiniteLossError(target.id, step, value))
+                ctx.writer.mark_failed(target.id, f"non-finite ascent loss ({value})", step)
+                ctx.failed_steps[target.id] = steps[target.id] = step
+                continue
+            steps[target.id] = trainer.global_step
+            kept.append((target, unstack(stacked, i)))
+        if kept:
+            module.set_target(kept[-1][0])
+            module.set_pass([t for t, _ in kept], [p for _, p in kept])
+            try:
+                ctx.new_trainer(ctx.logger).predict(module, ctx.eval_loader, return_predictions=False)
+            finally:
+                module.set_pass(None, None)
+        return steps
+
     def _finish_targets(self, ctx: RunContext, chunk: list[Target], chunk_steps: dict) -> None:
         """Record each target's outcome and persist it (atomic file + index line) at once."""
         schedule = ctx.module.schedule
@@ -239,6 +303,7 @@ class UnlearningMethod(AttributionMethod):
             "max_length_requested": ctx.max_length_requested,
             "world_size": ctx.world_size,
             "targets_per_pass": ctx.config.targets_per_pass,
+            "parallel_targets": ctx.config.parallel_targets,
         }
 
     # -- reproduction ----------------------------------------------------------------------------------
