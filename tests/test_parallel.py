@@ -160,3 +160,30 @@ def test_refusals_name_the_setting(tiny_spec, quickstart):
 
     with pytest.raises(ScaleConfigError, match="16-mixed"):
         check_parallel_options(AttributionConfig(parallel_targets=2), UnlearningSchedule(), {"precision": "16-mixed"})
+
+
+def test_lora_adapters_alone_are_stacked_and_the_base_is_never_written(tiny_spec, quickstart):
+    spec = lambda: tiny_spec(lora={"r": 2})  # noqa: E731
+    shapes, kept = [], {}
+
+    def record(module):
+        original, load = module.set_parallel, module.load_model
+
+        def set_parallel(targets, stacked):
+            if targets:
+                shapes.append(sorted(stacked))
+            original(targets, stacked)
+
+        def load_and_keep(texts=None):
+            load(texts)
+            kept.update({n: t.clone() for n, t in module.net.state_dict().items()})
+            kept["module"] = module
+
+        module.set_parallel, module.load_model = set_parallel, load_and_keep
+
+    sequential = _run(spec(), quickstart, 1, optimizer=OptimizerSpec(name="adam", lr=1e-2))
+    parallel = _run(spec(), quickstart, 3, optimizer=OptimizerSpec(name="adam", lr=1e-2), hook=record)
+    assert shapes and all("lora_" in name for name in shapes[0])
+    _assert_same(sequential, parallel, atol=1e-6)
+    state = kept.pop("module").net.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in kept.items())  # neither base nor adapters of the model moved
