@@ -27,6 +27,7 @@ stop) and several processes.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -86,7 +87,10 @@ def parallel_step_losses(net: torch.nn.Module, stacked: dict[str, torch.Tensor],
             return nll / (shift_labels != IGNORE_INDEX).sum().clamp_min(1) / micro_batches
         return per_example_loss(logits, labels).sum() / denominator
 
-    with _without_padding_check(net):
+    with _without_padding_check(net), warnings.catch_warnings():
+        # CPU flash attention has no vmap batching rule: torch loops over the K targets for that one op (measured
+        # speed-ups in benchmarks/README.md include it); the warning would repeat every step
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
         return vmap(one, randomness="different")(stacked, batch["input_ids"], batch["labels"], batch["denominator"], batch["micro_batches"])
 
 
