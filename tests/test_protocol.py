@@ -337,3 +337,46 @@ def test_resume_with_another_thread_count_per_job_is_refused(tmp_path):
     cfg.protocol = Protocol(batch_orders=[0, 1], runs=[0], lds_models=8, bootstrap_resamples=50, permutations=50)
     with pytest.raises(ReproduceResumeError, match="1 torch thread"):
         reproduce(cfg, command="second")
+
+
+def _marked_job(payload: dict, job: tuple) -> int:
+    """A pool job (module level: spawned workers import it): job 0 fails at once, the others take a while."""
+    import time
+
+    index, folder = job
+    Path(folder, f"started-{index}").write_text("")
+    if index == 0:
+        raise RuntimeError("job 0 failed")
+    time.sleep(1.5)
+    return index
+
+
+def test_a_failing_job_stops_the_pool_without_running_the_queue(tmp_path):
+    """The first failure is raised once it happens; queued jobs are dropped, not run to the end first."""
+    from untrac_pl.experiments.pool import JobPool
+
+    with JobPool({}, workers=2, threads=1) as pool:
+        with pytest.raises(RuntimeError, match="job 0 failed"):
+            pool.map(_marked_job, [(i, str(tmp_path)) for i in range(12)])
+    started = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("started-*"))
+    # the failing job, the running one and what the executor had already handed over (old behaviour: all 12)
+    assert 0 in started and len(started) <= 8, started
+
+
+def test_a_method_registered_in_main_is_refused_before_any_fit_when_workers_are_spawned():
+    from untrac_pl.experiments.jobs import check_methods_reach_workers
+    from untrac_pl.methods import register
+    from untrac_pl.methods.gradient import GradDot
+    from untrac_pl.methods.registry import defining_modules, unregister
+
+    in_main = type("InMain", (GradDot,), {"name": "in_main", "display": "In main", "aliases": (), "__module__": "__main__"})
+    elsewhere = type("Elsewhere", (GradDot,), {"name": "elsewhere", "display": "Elsewhere", "aliases": (), "__module__": "my_methods"})
+    register(in_main), register(elsewhere)
+    try:
+        check_methods_reach_workers([MethodSpec(name="in_main")], workers=1)  # this process knows it
+        with pytest.raises(Exception, match=r"methods\[in_main\]: method 'in_main' is registered in __main__.*workers: 1"):
+            check_methods_reach_workers([MethodSpec(name="graddot"), MethodSpec(name="in_main")], workers=2)
+        check_methods_reach_workers([MethodSpec(name="elsewhere")], workers=2)
+        assert defining_modules() == ["my_methods"]  # what every worker imports before its first job
+    finally:
+        unregister("in_main"), unregister("elsewhere")

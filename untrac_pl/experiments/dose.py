@@ -27,7 +27,7 @@ from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.evaluation.metrics import standardise
 from untrac_pl.evaluation.statistics import dose_response
 from untrac_pl.experiments.datasets import corpora_data, corpus_blocks
-from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, lm_kwargs_of, methods_job, payload_for
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, check_methods_reach_workers, fit_job, lm_kwargs_of, methods_job, payload_for
 from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import unigram_baseline
 from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
@@ -154,6 +154,7 @@ def run_dose(cfg, command: str = "", trainer_kwargs: Optional[dict] = None) -> d
     ``scores/noise/``, so the report says how much rounding alone moves each method's standing."""
     started = time.perf_counter()
     out_dir = Path(cfg.output_dir)
+    check_methods_reach_workers(cfg.methods, cfg.workers)
     if cfg.evaluate_only:  # the report again from dose.json (nothing is retrained)
         path = out_dir / "dose.json"
         if not path.exists():

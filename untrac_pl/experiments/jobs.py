@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from untrac_pl.errors import MethodOptionError
 from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
 from untrac_pl.lm import CausalLMModule, example_losses
+from untrac_pl.methods import get_method
 from untrac_pl.models import build_model
 from untrac_pl.training import FitSpec, fit_lm, load_weights, save_weights
 
@@ -34,6 +36,16 @@ def build_lm(model_spec, tokenizer, lm_kwargs: dict) -> dict:
     lm = CausalLMModule(model=model_spec, **lm_kwargs)
     lm.attach(build_model(model_spec, tokenizer), tokenizer)
     return {"lm": lm}
+
+
+def check_methods_reach_workers(methods, workers: int) -> None:
+    """A method registered in ``__main__`` (a script, a notebook) is unknown to spawned workers: say so before any fit."""
+    if workers <= 1:
+        return
+    for spec in methods:
+        if type(get_method(spec.name)).__module__ == "__main__":
+            raise MethodOptionError(f"methods[{spec.key}]: method '{spec.name}' is registered in __main__ (a script or notebook), which the "
+                                    f"{workers} worker processes cannot import; define it in an importable module or set workers: 1")
 
 
 def payload_for(lm: CausalLMModule, model_spec, tokenizer, lm_kwargs: dict, init_state: dict, train_corpus, query_corpus, *,

@@ -17,13 +17,16 @@ model recipe) is pickled once and unpickled once per worker, which builds its ow
 """
 from __future__ import annotations
 
+import importlib
 import io
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from untrac_pl.methods.registry import defining_modules
 
 _PAYLOAD: dict = {}  # a worker's payload (set once by ``_init_worker``)
 
@@ -34,9 +37,11 @@ def fit_threads(threads: Optional[int], workers: int) -> int:
     return max(1, total // max(1, workers))
 
 
-def _init_worker(blob: bytes, threads: int) -> None:
+def _init_worker(blob: bytes, threads: int, modules: Sequence[str] = ()) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
+    for name in modules:  # methods registered outside untrac_pl (their modules register them on import)
+        importlib.import_module(name)
     payload = torch.load(io.BytesIO(blob), weights_only=False)
     build = payload.get("build")
     if build is not None:  # the worker's own model, from the recipe (its weights are loaded by each job)
@@ -69,7 +74,7 @@ class JobPool:
             buffer = io.BytesIO()
             torch.save(self.payload, buffer)  # plain pickle of tensors (no shared-memory handles across processes)
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(buffer.getvalue(), self.threads))
+                                                 initializer=_init_worker, initargs=(buffer.getvalue(), self.threads, defining_modules()))
         return self._executor
 
     def map(self, fn: Callable, jobs: Sequence[Any]) -> list:
@@ -85,6 +90,12 @@ class JobPool:
             finally:
                 torch.set_num_threads(before)
         futures = [self._pool().submit(_call, fn, job) for job in jobs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:  # the first failure at once: the queued jobs are dropped, not run to the end first
+            for f in futures:
+                f.cancel()
+            raise failed.exception()
         return [f.result() for f in futures]
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ from untrac_pl.experiments.datasets import (  # noqa: F401  (the reproduction's 
     synthetic_data,
 )
 from untrac_pl.experiments.dose import DoseSpec, run_dose
-from untrac_pl.experiments.jobs import FitJob, MethodsJob, fit_job, lm_kwargs_of, methods_job, payload_for
+from untrac_pl.experiments.jobs import FitJob, MethodsJob, check_methods_reach_workers, fit_job, lm_kwargs_of, methods_job, payload_for
 from untrac_pl.experiments.methods import MethodData, MethodSpec
 from untrac_pl.experiments.pool import JobPool, fit_threads
 from untrac_pl.experiments.protocol import (
@@ -532,6 +532,7 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     methods, sweep_info = expand_methods(cfg)
     curve_specs, curve_info = expand_curves(cfg.protocol, methods)
     main_methods, methods = methods, methods + curve_specs
+    check_methods_reach_workers(methods, cfg.workers)
     settings, seeds = settings_of(cfg), seeds_of(cfg)
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
     runs_path = out_dir / "runs.json"

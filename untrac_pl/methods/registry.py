@@ -39,6 +39,12 @@ def register(cls: type) -> type:
     return cls
 
 
+def defining_modules() -> list[str]:
+    """The modules that define the registered methods outside untrac_pl (a spawned worker imports them)."""
+    modules = {type(m).__module__ for m in _METHODS.values()}
+    return sorted(n for n in modules if n != "__main__" and not n.startswith("untrac_pl."))
+
+
 def unregister(name: str) -> None:
     """Remove a method (and its aliases) again, e.g. one a test registered."""
     key = canonical_name(name)
