@@ -10,6 +10,8 @@
 #   3. 4-bit NF4 + LoRA unlearning on a 1.1B-parameter Llama built from configs/llama1b_quant4_lora.yaml
 #   4. the scoring-throughput benchmark (plus the naive, overhead and memory benchmarks at GPU sizes
 #      if time is left: SKIP_EXTRA=1 skips them)
+#   5. if time is left: the batch-1 ascent loop against a plain loop and parallel_targets K = 1, 2, 4, 8
+#      (GPT-2-small sized), into $OUT/bench
 # Each step's outputs and checks go to $OUT (default runs/gpu_check); $OUT/gpu_check_summary.json
 # collects them. Offline: everything is built from configs, nothing is downloaded.
 set -euo pipefail
@@ -78,6 +80,17 @@ if [[ "$MODE" == gpu ]]; then
   fi
 else
   timeout 240 $PY benchmarks/run_all.py --device cpu --tiny --threads 1 --out "$OUT/bench"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# issue 15 (only on a GPU, only if time is left): the batch-1 ascent loop vs a plain loop, and K targets at once
+if [[ "$MODE" == gpu && "${SKIP_EXTRA:-0}" != 1 ]]; then
+  ELAPSED=$(( $(date +%s) - START ))
+  if [[ $ELAPSED -lt 360 ]]; then
+    step "5 (extra) ascent loop and parallel targets on the GPU"
+    timeout 120 $PY benchmarks/bench_ascent_loop.py --device cuda --size small --repeats 3 --out "$OUT/bench" || echo "ascent-loop benchmark did not finish"
+    timeout 150 $PY benchmarks/bench_parallel_targets.py --device cuda --size small --ks 1,2,4,8 --repeats 3 --out "$OUT/bench" || echo "parallel-targets benchmark did not finish"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------

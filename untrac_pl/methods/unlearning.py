@@ -243,6 +243,9 @@ class UnlearningMethod(AttributionMethod):
             trainer.fit(module, train_dataloaders=loader)
             failures = module.parallel_failures()
             curve = list(module.ascent_curve)
+            # the module keeps its last Trainer, and with it the optimizer state of all K targets (2 copies of the
+            # stacked tensors for Adam): released before the scoring pass and the next chunk's fit
+            trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
         finally:
             module.set_parallel(None, None)
         steps: dict[str, int] = {}
