@@ -34,8 +34,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     setup(args.threads)
 
-    import torch
-
     from untrac_pl.data.datamodule import AttributionDataModule
     from untrac_pl.data.schedule import UnlearningSchedule
     from untrac_pl.engine import AttributionConfig, run_attribution

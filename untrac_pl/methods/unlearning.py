@@ -187,9 +187,7 @@ class UnlearningMethod(AttributionMethod):
         try:
             trainer.fit(module, train_dataloaders=loader)
         except NonFiniteLossError as exc:
-            log.warning("%s; target marked failed, continuing", exc)
-            ctx.writer.mark_failed(target.id, f"non-finite ascent loss ({exc.value})", exc.step)
-            ctx.failed_steps[target.id] = exc.step
+            self._mark_diverged(ctx, target.id, exc)
             return None
         finally:
             if ctx.board is not None:  # logged once the target is persisted (_finish_targets)
@@ -217,15 +215,27 @@ class UnlearningMethod(AttributionMethod):
             last = position == len(chunk) - 1
             # the last target's tensors are the live ones: no copy needed
             kept.append((target, changed_tensors(module.net, ctx.restore.snapshot_tensors, clone=not last)))
+        self._score_in_one_pass(ctx, kept)
+        return steps
+
+    @staticmethod
+    def _score_in_one_pass(ctx: RunContext, kept: list[tuple]) -> None:
+        """One predict pass scoring every ``(target, parameter set)`` of ``kept`` (nothing if it is empty)."""
         if not kept:
-            return steps
+            return
+        module = ctx.module
         module.set_target(kept[-1][0])
         module.set_pass([t for t, _ in kept], [p for _, p in kept])
         try:
             ctx.new_trainer(ctx.logger).predict(module, ctx.eval_loader, return_predictions=False)
         finally:
             module.set_pass(None, None)
-        return steps
+
+    @staticmethod
+    def _mark_diverged(ctx: RunContext, target_id: str, exc: NonFiniteLossError) -> None:
+        log.warning("%s; target marked failed, continuing", exc)
+        ctx.writer.mark_failed(target_id, f"non-finite ascent loss ({exc.value})", exc.step)
+        ctx.failed_steps[target_id] = exc.step
 
     def _unlearn_and_score_parallel(self, ctx: RunContext, chunk: list[Target]) -> dict[str, int]:
         """Unlearn the targets of ``chunk`` at once (one batched ascent) and score them in one pass."""
@@ -254,20 +264,12 @@ class UnlearningMethod(AttributionMethod):
             if ctx.board is not None:
                 ctx.board.hold_curve(target.id, [c[i] for c in curve])
             if target.id in failures:
-                step, value = failures[target.id]
-                log.warning("%s; target marked failed, continuing", NonFiniteLossError(target.id, step, value))
-                ctx.writer.mark_failed(target.id, f"non-finite ascent loss ({value})", step)
-                ctx.failed_steps[target.id] = steps[target.id] = step
+                self._mark_diverged(ctx, target.id, NonFiniteLossError(target.id, *failures[target.id]))
+                steps[target.id] = failures[target.id][0]
                 continue
             steps[target.id] = trainer.global_step
             kept.append((target, unstack(stacked, i)))
-        if kept:
-            module.set_target(kept[-1][0])
-            module.set_pass([t for t, _ in kept], [p for _, p in kept])
-            try:
-                ctx.new_trainer(ctx.logger).predict(module, ctx.eval_loader, return_predictions=False)
-            finally:
-                module.set_pass(None, None)
+        self._score_in_one_pass(ctx, kept)
         return steps
 
     def _finish_targets(self, ctx: RunContext, chunk: list[Target], chunk_steps: dict) -> None:
