@@ -12,7 +12,7 @@ from test_gguf import write_tiny_llama  # noqa: E402
 
 from untrac_pl.data.schedule import UnlearningSchedule  # noqa: E402
 from untrac_pl.experiments.methods import MethodSpec  # noqa: E402
-from untrac_pl.experiments.planted import FineTune, PlantedConfig, rank_rows, run_planted  # noqa: E402
+from untrac_pl.experiments.planted import FineTune, GroundTruth, PlantedConfig, rank_rows, run_planted, top1_tail  # noqa: E402
 from untrac_pl.experiments.toxicity import GenerationConfig  # noqa: E402
 from untrac_pl.models import ModelSpec  # noqa: E402
 from untrac_pl.optim import OptimizerSpec  # noqa: E402
@@ -32,8 +32,9 @@ def _corpora(tmp_path):
         lines = [json.dumps({"text": " ".join(words[i % 5:] + words[: i % 5])}) for i in range(12)]
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     tox = tmp_path / "tox.jsonl"
-    tox.write_text("\n".join(json.dumps({"text": f"those people are awful and ruin everything number {i}", "toxicity_human": 5.0})
-                             for i in range(30)) + "\n")
+    rows = [json.dumps({"text": f"those people are awful and ruin everything number {i}", "toxicity_human": 5.0}) for i in range(30)]
+    rows += [json.dumps({"text": f"my neighbours cooked a lovely dinner for everyone {i}", "toxicity_human": 1.0}) for i in range(6)]
+    tox.write_text("\n".join(rows) + "\n")
     return folder, tox
 
 
@@ -45,21 +46,37 @@ def test_rank_rows_by_hand():
     assert rows[0]["margin"] == pytest.approx(0.2) and rows[1]["margin"] == pytest.approx(-0.7)
 
 
-def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
+def _tiny_config(tmp_path, **overrides):
     gguf_path = write_tiny_llama(tmp_path / "tiny.gguf")
     corpora, tox = _corpora(tmp_path)
     adam = OptimizerSpec(name="adam", lr=1e-3)
-    cfg = PlantedConfig(
+    fields = dict(
         name="tiny", output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
         model=ModelSpec(gguf_file=str(gguf_path), gguf_cache_dir=str(tmp_path / "cache"), lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
         corpora_dir=str(corpora), corpora=list(WORDS), toxigen_file=str(tox), records_per_corpus=6, block_size=16,
         planted_group="forum", doses=[0.0, 0.5], num_prompts=3, prompt_words=4, generation=GenerationConfig(max_new_tokens=4),
+        toxic_statements=4, statement_subsets=2, benign_statements=2, benign_subsets=1, ground_truth=GroundTruth(order_seeds=[0, 1]),
         fine_tune=FineTune(steps=4, batch_size=4, checkpoint_steps=[2, 4]), max_length=48, eval_batch_size=8,
         methods=[MethodSpec(name="untrac_inv", target_unit="group", optimizer=adam, unlearning=UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None)),
                  MethodSpec(name="untrac", optimizer=adam, unlearning=UnlearningSchedule(num_epochs=1, batch_size=1), data={"samples_per_group": 3}),
                  MethodSpec(name="graddot"), MethodSpec(name="tracin")],
         toxicity_classifier="none",
     )
+    return PlantedConfig(**{**fields, **overrides})
+
+
+def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
+    import torch
+
+    from untrac_pl.data.tokenize import tokenize_records
+    from untrac_pl.experiments.dose import plant
+    from untrac_pl.experiments.planted import corpus_records
+    from untrac_pl.lm import CausalLMModule, example_losses
+    from untrac_pl.models import build_model, load_tokenizer
+    from untrac_pl.quantization import attach_lora
+    from untrac_pl.training import FitSpec, fit_lm
+
+    cfg = _tiny_config(tmp_path)
     run_planted(cfg, command="test")
     out = tmp_path / "out"
     record = json.loads((out / "planted.json").read_text())
@@ -67,17 +84,81 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     for dose in record["doses"].values():
         assert set(dose["methods"]) == {"untrac_inv", "untrac", "graddot", "tracin"}
         for entry in dose["methods"].values():
+            completions = [r for r in entry["rows"] if r["completion"].startswith("completions/")]
+            assert len(completions) == 3 and len(entry["rows"]) == 3 + 2 + 1  # 3 completions, 2 toxic subsets, 1 benign
             assert all(1 <= r["rank"] <= 4 for r in entry["rows"]) and 0.0 <= entry["top1_rate"] <= 1.0
+            assert entry["top1_chance_tail"] == pytest.approx(top1_tail(entry["top1_count"], 3, 4))
+            assert entry["toxic_mean_rank"] is not None and entry["benign_mean_rank"] is not None
+        assert set(dose["test_losses"]) == {"completions", "toxic", "benign"}
     # the same prompts, the same seeds: completions differ between doses only through the fine-tuned weights
     assert len(record["prompts"]) == 3 and all(len(d["completions"]) == 3 for d in record["doses"].values())
+    assert set(record["pretrained_test_losses"]) >= {"toxic", "benign"}
+    # held-out statements: none is a prompt's statement, none was planted
+    planted_texts = {"those people are awful and ruin everything number %d" % i for i in range(30)}
+    prompt_statements = {p["statement"] for p in record["prompts"]}
+    toxic_texts = {q["text"] for q in record["statements"] if q["group"].startswith("toxic/")}
+    assert len(toxic_texts) == 4 and not toxic_texts & prompt_statements and toxic_texts <= planted_texts
     seed = json.loads((out / "untrac_toxicity_results.json").read_text())
     case = seed["test_cases"][0]
     assert {"prompt", "completion", "toxicity", "top_influences", "group_scores"} <= set(case)
     assert case["top_influences"] and case["top_influences_method"] == "untrac_inv"  # UnTrac-Inv scores every training block
     assert case["top_influences"][0]["rank"] == 1 and case["top_influences"][0]["group"] in WORDS
     assert set(case["group_scores"]) == {"untrac_inv", "untrac", "graddot", "tracin"}
+
+    # ground truth at the main dose: two batch orders and their mean; reliability and each method's statistics
+    gt_dir = out / "scores" / "dose0.5"
+    order0 = ScoreTable.load(gt_dir / "orders" / "ground_truth_order0.safetensors")
+    order1 = ScoreTable.load(gt_dir / "orders" / "ground_truth_order1.safetensors")
+    mean = ScoreTable.load(gt_dir / "ground_truth.safetensors")
+    assert torch.allclose(mean.scores, (order0.scores + order1.scores) / 2, atol=1e-6)
+    assert not torch.allclose(order0.scores, order1.scores)  # another batch order is another model
+    assert not (out / "scores" / "dose0" / "ground_truth.safetensors").exists()
+    ev = record["evaluation"]
+    assert set(ev["reliability"]) == {"completions", "toxic", "benign"}
+    assert set(ev["methods"]) == {"untrac_inv", "untrac", "graddot", "tracin"}
+    assert ev["methods"]["graddot"]["toxic"]["null"]["n"] == 24 and ev["methods"]["graddot"]["toxic"]["null"]["exact"]
+    # an independent re-derivation of one GT entry: fine-tune without `forum` by hand from the same LoRA
+    # initialisation with batch order 0, minus the experiment's own θ (order 0) on the same query
+    tokenizer = load_tokenizer(cfg.model)
+    base = build_model(__import__("dataclasses").replace(cfg.model, lora=None), tokenizer)
+    blocks = corpus_records(cfg, tokenizer)
+    import random  # noqa: F401  (plant is seeded by the config's seed)
+    from untrac_pl.experiments.dose import behaviour_statements
+    from pathlib import Path
+    pool, _ = behaviour_statements(Path(cfg.toxigen_file), cfg.min_toxicity, cfg.num_prompts + cfg.toxic_statements, cfg.seed)
+    train, _ = plant(blocks, "forum", pool, 0.5, cfg.seed)
+    corpus = tokenize_records(train, tokenizer, cfg.max_length, "training data")
+    queries = [q for q in record["statements"] if q["group"] == "toxic/part-0"]
+    examples = tokenize_records(queries, tokenizer, cfg.max_length, "queries").examples
+
+    def fitted(exclude):
+        net = attach_lora(__import__("copy").deepcopy(base), cfg.model.lora, seed=cfg.model.init_seed)
+        lm = CausalLMModule(model=cfg.model, optimizer=cfg.fine_tune.optimizer, lr_schedule=cfg.fine_tune.lr_schedule,
+                            warmup_steps=cfg.fine_tune.warmup_steps, max_steps=cfg.fine_tune.steps, grad_clip=1.0)
+        lm.attach(net, tokenizer)
+        fit_lm(lm, corpus, FitSpec(max_steps=4, batch_size=4, seed=0, order_seed=0, exclude_groups=exclude), {"accelerator": "cpu", "devices": 1})
+        return example_losses(net, examples, tokenizer.pad_token_id)
+
+    by_hand = float((fitted(["forum"]) - fitted([])).mean())
+    row = order0.group_level()
+    assert row.scores[row.row_ids.index("toxic/part-0"), row.col_ids.index("forum")].item() == pytest.approx(by_hand, abs=1e-5)
     md = (out / "results.md").read_text()
-    assert "top-1" in md and "Ground truth (leave-corpus-out" in md and (out / "heatmap.png").exists()
+    assert "top-1" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
+
+
+def test_planted_without_ground_truth_writes_its_cost(tmp_path):
+    cfg = _tiny_config(tmp_path, doses=[0.5], ground_truth=GroundTruth(), toxic_statements=0, benign_statements=0,
+                       methods=[MethodSpec(name="graddot")])
+    run_planted(cfg, command="test")
+    record = json.loads((tmp_path / "out" / "planted.json").read_text())
+    assert record["evaluation"] is None and record["ground_truth_dose"] is None
+    assert "Ground truth (leave-corpus-out fine-tuning, paper Table 3 style) was not run" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_top1_tail_is_the_binomial_tail():
+    assert top1_tail(0, 8, 6) == pytest.approx(1.0)
+    assert top1_tail(8, 8, 6) == pytest.approx((1 / 6) ** 8)
+    assert top1_tail(3, 8, 6) == pytest.approx(1 - sum(__import__("math").comb(8, j) * (1 / 6) ** j * (5 / 6) ** (8 - j) for j in range(3)))
 
 
 def test_planted_config_refuses_bad_fields():
@@ -85,3 +166,9 @@ def test_planted_config_refuses_bad_fields():
         PlantedConfig(planted_group="zzz", methods=[MethodSpec(name="graddot")])
     with pytest.raises(ValueError, match="methods"):
         PlantedConfig()
+    with pytest.raises(ValueError, match="ground_truth.dose"):
+        PlantedConfig(methods=[MethodSpec(name="graddot")], ground_truth={"order_seeds": [0, 1], "dose": 0.5})
+    with pytest.raises(ValueError, match="order_seeds"):
+        PlantedConfig(methods=[MethodSpec(name="graddot")], ground_truth={"order_seeds": [0, 0]})
+    with pytest.raises(ValueError, match="statement_subsets"):
+        PlantedConfig(methods=[MethodSpec(name="graddot")], toxic_statements=2, statement_subsets=3)

@@ -22,6 +22,8 @@ Outputs: ``untrac_toxicity_results.json`` (the seed's schema: ``test_cases[]`` w
 from __future__ import annotations
 
 import copy
+import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,20 +33,26 @@ import torch
 
 from untrac_pl.data.records import DataSource, read_records
 from untrac_pl.data.tokenize import sample_per_group, tokenize_records
+from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
+from untrac_pl.evaluation.metrics import ground_truth_summary, standardise, test_set_of
+from untrac_pl.evaluation.power import ORDERS_DIR, setting_statistics
 from untrac_pl.evaluation.statistics import dose_response
-from untrac_pl.evaluation.metrics import standardise
 from untrac_pl.experiments.dose import behaviour_statements, plant, standing
 from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
+from untrac_pl.experiments.protocol import mean_ground_truth
 from untrac_pl.experiments.toxicity import RESULTS_FILE, GenerationConfig, load_toxicity_scorer, sample_completion
 from untrac_pl.io import save_figure_atomic, write_json_atomic, write_text_atomic
-from untrac_pl.lm import CausalLMModule, LRSchedule
+from untrac_pl.lm import CausalLMModule, LRSchedule, example_losses
 from untrac_pl.methods import display_name
 from untrac_pl.models import ModelSpec, build_model, load_tokenizer
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.quantization import attach_lora
 from untrac_pl.runtime import json_safe, machine_facts, versions
+from untrac_pl.scores import ScoreTable
 from untrac_pl.training import FitSpec, block_records, fit_lm
 
+COMPLETIONS, TOXIC, BENIGN = "completions", "toxic", "benign"  # the test sets (query-group prefixes)
+SCORES_DIR = "scores"
 
 @dataclass
 class FineTune:
@@ -56,6 +64,19 @@ class FineTune:
     lr_schedule: LRSchedule = "linear"
     warmup_steps: int = 5
     checkpoint_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GroundTruth:
+    """Leave-corpus-out LoRA fine-tuning at one dose (default: the main dose), once per batch order.
+
+    ``order_seeds``: the batch-order seeds; the first is the experiment's own fine-tuning (its model is θ), every
+    further one refits θ as well; two or more give the ground truth's test–retest reliability. Empty: not run.
+    Each corpus k: the same LoRA initialisation, the same steps, batches from the same seeded stream with
+    corpus k's blocks skipped (``untrac_pl.training``); GT[s, k] = L_s(θ_-k) − L_s(θ), positive = k helped."""
+
+    order_seeds: list[int] = field(default_factory=list)
+    dose: Optional[float] = None
 
 
 @dataclass
@@ -80,6 +101,12 @@ class PlantedConfig:
     min_toxicity: float = 4.0
     num_prompts: int = 6
     prompt_words: int = 6
+    toxic_statements: int = 0  # held-out toxic statements as a second test set ("toxic/part-<j>" subsets)
+    statement_subsets: int = 1
+    benign_statements: int = 0  # control test set: ToxiGen statements with toxicity_human <= max_benign_toxicity
+    benign_subsets: int = 1
+    max_benign_toxicity: float = 1.5
+    ground_truth: GroundTruth = field(default_factory=GroundTruth)
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=16))
     fine_tune: FineTune = field(default_factory=FineTune)
     methods: list[MethodSpec] = field(default_factory=list)
@@ -99,6 +126,28 @@ class PlantedConfig:
             raise ValueError(f"main_dose={self.main_dose} is not among doses {self.doses}")
         if not self.methods:
             raise ValueError("methods: list at least one method (e.g. untrac_inv, untrac, graddot, tracin)")
+        if isinstance(self.ground_truth, dict):
+            self.ground_truth = GroundTruth(**self.ground_truth)
+        gt = self.ground_truth
+        if gt.dose is not None and gt.dose not in self.doses:
+            raise ValueError(f"ground_truth.dose={gt.dose} is not among doses {self.doses}")
+        if len(set(gt.order_seeds)) != len(gt.order_seeds):
+            raise ValueError(f"ground_truth.order_seeds={gt.order_seeds}: give distinct batch-order seeds")
+        for name, count, parts in (("toxic_statements", self.toxic_statements, "statement_subsets"),
+                                   ("benign_statements", self.benign_statements, "benign_subsets")):
+            if count < 0 or getattr(self, parts) < 1 or (count and count < getattr(self, parts)):
+                raise ValueError(f"{name}={count} and {parts}={getattr(self, parts)}: need {parts} >= 1 and at least one statement per subset")
+
+    @property
+    def gt_dose(self) -> Optional[float]:
+        """The dose of the ground truth (None: not run)."""
+        if not self.ground_truth.order_seeds:
+            return None
+        return self.ground_truth.dose if self.ground_truth.dose is not None else self.main
+
+    @property
+    def main(self) -> float:
+        return self.main_dose if self.main_dose is not None else max(self.doses)
 
 
 def corpus_records(cfg: PlantedConfig, tokenizer) -> list[dict]:
@@ -120,10 +169,51 @@ def prompts_of(tests: list[dict], words: int) -> list[dict]:
     return [{"id": t["id"], "prompt": " ".join(t["text"].split()[:words]), "statement": t["text"]} for t in tests]
 
 
+def benign_statements(path: Path, max_toxicity: float, count: int, seed: int) -> list[dict]:
+    """``count`` seeded ToxiGen statements with ``toxicity_human <= max_toxicity`` (the control test set)."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            score, text = float(row["toxicity_human"]), str(row["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"toxigen_file: {path}:{number}: a ToxiGen record needs 'text' and a numeric 'toxicity_human' "
+                             f"({type(exc).__name__}: {exc})") from None
+        if score <= max_toxicity:
+            rows.append({"id": f"benign:{number}", "text": text, "group": "benign"})
+    if len(rows) < count:
+        raise ValueError(f"toxigen_file: {path} has {len(rows)} statements with toxicity_human <= {max_toxicity:g}, "
+                         f"fewer than benign_statements={count}")
+    return sample_per_group(rows, count, seed)
+
+
+def statement_queries(toxic: list[dict], benign: list[dict], cfg: "PlantedConfig") -> list[dict]:
+    """The statement test sets as query records: ``toxic/part-<j>`` and ``benign/part-<j>`` subsets (round robin)."""
+    out = [{"id": f"toxic:{i}", "group": f"toxic/part-{i % cfg.statement_subsets}", "text": t["text"]} for i, t in enumerate(toxic)]
+    out += [{"id": f"benign:{i}", "group": f"benign/part-{i % cfg.benign_subsets}", "text": t["text"]} for i, t in enumerate(benign)]
+    return out
+
+
 def rank_rows(table, planted: str) -> list[dict]:
-    """Per completion (row of the group-level table): the planted corpus's standing among the corpora."""
+    """Per query subset (row of the group-level table): the planted corpus's standing among the corpora."""
     g = table.group_level()
     return [{"completion": row, **standing(dict(zip(g.col_ids, g.scores[i].double().tolist())), planted)} for i, row in enumerate(g.row_ids)]
+
+
+def top1_tail(hits: int, n: int, k: int) -> float:
+    """P[X >= hits] for X ~ Binomial(n, 1/k): how often chance ranks a given corpus first ``hits`` times of ``n``."""
+    p = 1.0 / k
+    return float(sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(hits, n + 1)))
+
+
+def _test_set_losses(losses: torch.Tensor, groups: list[str]) -> dict:
+    """Mean per-example loss per test set (completions, toxic, benign)."""
+    out: dict[str, list[float]] = {}
+    for value, group in zip(losses.tolist(), groups):
+        out.setdefault(test_set_of(group), []).append(value)
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[dict] = None) -> dict:
@@ -138,18 +228,22 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
     base_model = build_model(replace(cfg.model, lora=None), tokenizer)  # loaded (and converted) once, copied per dose
     load_seconds = time.perf_counter() - t_load
     blocks = corpus_records(cfg, tokenizer)
-    pool, tests = behaviour_statements(Path(cfg.toxigen_file), cfg.min_toxicity, cfg.num_prompts, cfg.seed)
-    prompts = prompts_of(tests, cfg.prompt_words)
+    pool, tests = behaviour_statements(Path(cfg.toxigen_file), cfg.min_toxicity, cfg.num_prompts + cfg.toxic_statements, cfg.seed)
+    prompts = prompts_of(tests[: cfg.num_prompts], cfg.prompt_words)
+    benign = benign_statements(Path(cfg.toxigen_file), cfg.max_benign_toxicity, cfg.benign_statements, cfg.seed) if cfg.benign_statements else []
+    statements = statement_queries(tests[cfg.num_prompts:], benign, cfg)
     scorer, classifier = load_toxicity_scorer(cfg.toxicity_classifier)
     context = int(getattr(base_model.config, "max_position_embeddings", 2048) or 2048)
     fit = FitSpec(max_steps=cfg.fine_tune.steps, batch_size=cfg.fine_tune.batch_size, seed=cfg.seed, order_seed=cfg.seed,
                   checkpoint_steps=list(cfg.fine_tune.checkpoint_steps), log_every_n_steps=max(1, cfg.fine_tune.steps // 5))
+    pretrained = None
     doses: dict = {}
     for dose in cfg.doses:
         t0 = time.perf_counter()
         train, planted = plant(blocks, cfg.planted_group, pool, dose, cfg.seed)
         corpus = tokenize_records(train, tokenizer, cfg.max_length, "training data")
         net = attach_lora(copy.deepcopy(base_model), cfg.model.lora or {}, seed=cfg.model.init_seed)
+        init_state = copy.deepcopy(net.state_dict()) if dose == cfg.gt_dose else None
         lm = CausalLMModule(model=cfg.model, optimizer=cfg.fine_tune.optimizer, lr_schedule=cfg.fine_tune.lr_schedule,
                             warmup_steps=cfg.fine_tune.warmup_steps, max_steps=cfg.fine_tune.steps, grad_clip=1.0)
         lm.attach(net, tokenizer)
@@ -158,37 +252,57 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
         t1 = time.perf_counter()
         completions = [sample_completion(net, tokenizer, p["prompt"], cfg.generation, cfg.seed + i, context) for i, p in enumerate(prompts)]
         generation_seconds = time.perf_counter() - t1
-        queries = [{"id": f"case-{i}", "group": f"case-{i}", "prompt": p["prompt"], "completion": c}
-                   for i, (p, c) in enumerate(zip(prompts, completions)) if c.strip()]
+        queries = [{"id": f"case-{i}", "group": f"{COMPLETIONS}/case-{i}", "prompt": p["prompt"], "completion": c}
+                   for i, (p, c) in enumerate(zip(prompts, completions)) if c.strip()] + statements
+        query_corpus = tokenize_records(queries, tokenizer, cfg.max_length, "queries")
+        query_groups = [q["group"] for q in queries]
+        theta_losses = example_losses(net, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size)
+        if pretrained is None:  # the pretrained model's losses on the statements (the completions change per dose)
+            pretrained = _test_set_losses(example_losses(base_model, query_corpus.examples, tokenizer.pad_token_id, cfg.eval_batch_size), query_groups)
         theta = copy.deepcopy(net.state_dict())
         ctx = MethodContext(net=net, tokenizer=tokenizer, model_spec=cfg.model, train_records=train, query_records=queries, seed=cfg.seed,
                             max_length=cfg.max_length, eval_batch_size=cfg.eval_batch_size, trainer_kwargs=trainer_kwargs,
                             checkpoints=[(c["path"], c["lr"]) for c in run["checkpoints"]])
+        score_dir = out_dir / SCORES_DIR / f"dose{dose:g}"
         methods, tables, seconds = {}, {}, {}
         for spec in cfg.methods:
             net.load_state_dict(theta)
             tm = time.perf_counter()
             table = run_method(spec, ctx)
             seconds[spec.key] = time.perf_counter() - tm
-            table.save(out_dir / "scores" / f"dose{dose:g}" / f"{spec.key}.safetensors")
+            table.save(score_dir / f"{spec.key}.safetensors")
             rows = rank_rows(table, cfg.planted_group)
             tables[spec.key] = table
             methods[spec.key] = {"rows": rows, **_summarise(rows, len(cfg.corpora), cfg.planted_group), "seconds": seconds[spec.key]}
+        gt_seconds = None
+        if dose == cfg.gt_dose:
+            tg = time.perf_counter()
+            _ground_truth(cfg, lm, init_state, corpus, query_corpus, query_groups, fit, theta_losses, trainer_kwargs, score_dir)
+            gt_seconds = time.perf_counter() - tg
+            del init_state
         net.load_state_dict(theta)
         toxicity = scorer(completions) if scorer else [None] * len(completions)
         doses[f"{dose:g}"] = {"dose": dose, "planted": planted, "completions": completions, "toxicity": toxicity, "methods": methods,
-                              "final_train_loss": run["final_train_loss"], "timings": {"fine_tune_s": fine_tune_seconds, "generation_s": generation_seconds,
-                                                                                       "methods_s": seconds, "total_s": time.perf_counter() - t0},
+                              "final_train_loss": run["final_train_loss"], "test_losses": _test_set_losses(theta_losses, query_groups),
+                              "timings": {"fine_tune_s": fine_tune_seconds, "generation_s": generation_seconds, "methods_s": seconds,
+                                          "ground_truth_s": gt_seconds, "total_s": time.perf_counter() - t0},
                               "_tables": tables, "_train": train, "_queries": queries}
         print(f"[planted] dose {dose:g}: {planted} planted; " + ", ".join(
             f"{display_name(k)} top-1 {v['top1_rate']:.2f}" for k, v in methods.items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-    main = cfg.main_dose if cfg.main_dose is not None else max(cfg.doses)
-    response = {spec.key: dose_response([d["dose"] for d in doses.values()], [d["methods"][spec.key]["planted_mean_z"] for d in doses.values()])
+    main = cfg.main
+    response = {spec.key: {key: dose_response([d["dose"] for d in doses.values()], [d["methods"][spec.key][key] for d in doses.values()])
+                           for key in ("planted_mean_z", "toxic_planted_mean_z") if all(d["methods"][spec.key][key] is not None for d in doses.values())}
                 for spec in cfg.methods}
+    evaluation = None
+    if cfg.gt_dose is not None:
+        names = [m.key for m in cfg.methods]
+        evaluation = setting_statistics(out_dir / SCORES_DIR, names, seed=f"dose{cfg.gt_dose:g}", permutations=10000)
+        evaluation["ground_truth"] = ground_truth_summary([ScoreTable.load(out_dir / SCORES_DIR / f"dose{cfg.gt_dose:g}" / f"{GROUND_TRUTH}.safetensors")])["raw"]
     wall = time.perf_counter() - started
     record = {"command": command, "planted_group": cfg.planted_group, "corpora": cfg.corpora, "prompts": prompts, "main_dose": main,
-              "doses": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in doses.items()},
-              "dose_response": response, "toxicity_classifier": classifier, "load_seconds": load_seconds, "wall_seconds": wall,
+              "statements": statements, "doses": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in doses.items()},
+              "dose_response": response, "pretrained_test_losses": pretrained, "ground_truth_dose": cfg.gt_dose, "evaluation": evaluation,
+              "toxicity_classifier": classifier, "load_seconds": load_seconds, "wall_seconds": wall,
               "parameters": sum(p.numel() for p in base_model.parameters()), "machine": machine_facts(), "versions": versions(),
               "config": json_safe(cfg)}
     write_json_atomic(out_dir / "planted.json", json_safe(record))
@@ -199,14 +313,50 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
     return {"metrics": str(out_dir / "planted.json"), "markdown": str(out_dir / "results.md"), "figures": [figure], "rankings": str(out_dir / RESULTS_FILE)}
 
 
+def _ground_truth(cfg: PlantedConfig, lm, init_state: dict, corpus, query_corpus, query_groups, fit: FitSpec, theta_losses, trainer_kwargs,
+                  score_dir: Path) -> None:
+    """Leave-corpus-out fine-tuning for every batch order (:class:`GroundTruth`): each order's table in
+    ``orders/``, their mean as ``ground_truth.safetensors`` (the layout :func:`setting_statistics` reads)."""
+    tables = []
+    for i, order in enumerate(cfg.ground_truth.order_seeds):
+        spec = replace(fit, order_seed=order, checkpoint_steps=[])
+        if i == 0 and order == fit.order_seed:
+            base = theta_losses  # the experiment's own fine-tuning is this order's θ
+        else:
+            lm.net.load_state_dict(copy.deepcopy(init_state))
+            fit_lm(lm, corpus, spec, trainer_kwargs)
+            base = example_losses(lm.net, query_corpus.examples, lm.tokenizer.pad_token_id, cfg.eval_batch_size)
+        table, _ = leave_group_out(lm, init_state, corpus, query_corpus.examples, query_corpus.ids, query_groups, spec, base,
+                                   trainer_kwargs, groups=cfg.corpora, eval_batch_size=cfg.eval_batch_size)
+        table.metadata.update({"order_seed": order, "base_query_loss": float(base.mean())})
+        table.save(score_dir / ORDERS_DIR / f"{GROUND_TRUTH}_order{order}.safetensors")
+        tables.append(table)
+        print(f"[planted] ground truth, batch order {order}: {len(cfg.corpora)} leave-corpus-out fine-tunings done", flush=True)
+    gt = tables[0] if len(tables) == 1 else mean_ground_truth(tables)
+    gt.metadata["batch_orders"] = list(cfg.ground_truth.order_seeds)
+    gt.save(score_dir / f"{GROUND_TRUTH}.safetensors")
+
+
 def _summarise(rows: list[dict], num_groups: int, planted: str) -> dict:
-    """Top-1 rate, mean rank and margin over the completions, and the planted corpus's mean z-score."""
-    zs = [r["z"] for r in rows]
-    n = len(rows)
-    return {"top1_rate": sum(r["rank"] == 1 for r in rows) / n if n else float("nan"),
-            "mean_rank": sum(r["rank"] for r in rows) / n if n else float("nan"),
-            "mean_margin": sum(r["margin"] for r in rows) / n if n else float("nan"),
-            "planted_mean_z": sum(zs) / n if n else float("nan"), "chance_top1": 1.0 / num_groups}
+    """Over the completions: top-1 rate (and its binomial tail under chance), mean rank, margin and the planted
+    corpus's mean z-score; over the toxic / benign statement subsets: the planted corpus's mean z and rank."""
+    completions = [r for r in rows if test_set_of(r["completion"]) == COMPLETIONS]
+    n = len(completions)
+    hits = sum(r["rank"] == 1 for r in completions)
+
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    out = {"top1_rate": hits / n if n else float("nan"), "top1_count": hits, "num_completions": n,
+           "top1_chance_tail": top1_tail(hits, n, num_groups) if n else float("nan"),
+           "mean_rank": mean([r["rank"] for r in completions]) if n else float("nan"),
+           "mean_margin": mean([r["margin"] for r in completions]) if n else float("nan"),
+           "planted_mean_z": mean([r["z"] for r in completions]) if n else float("nan"), "chance_top1": 1.0 / num_groups}
+    for name in (TOXIC, BENIGN):
+        members = [r for r in rows if test_set_of(r["completion"]) == name]
+        out[f"{name}_planted_mean_z"] = mean([r["z"] for r in members])
+        out[f"{name}_mean_rank"] = mean([r["rank"] for r in members])
+    return out
 
 
 def _seed_schema(cfg: PlantedConfig, dose: dict, prompts: list[dict], classifier: dict, command: str) -> dict:
@@ -218,16 +368,17 @@ def _seed_schema(cfg: PlantedConfig, dose: dict, prompts: list[dict], classifier
     by_case = {q["id"]: q for q in queries}
     for i, p in enumerate(prompts):
         case_id = f"case-{i}"
+        case_group = f"{COMPLETIONS}/{case_id}"
         entry = {"test_case_id": i, "prompt": p["prompt"], "completion": dose["completions"][i], "toxicity": dose["toxicity"][i],
                  "prompt_id": p["id"], "top_influences": [], "group_scores": {}}
         if case_id in by_case:
             for key, table in dose["_tables"].items():
                 g = table.group_level()
-                row = g.row_ids.index(case_id)
+                row = g.row_ids.index(case_group)
                 entry["group_scores"][key] = dict(zip(g.col_ids, g.scores[row].tolist()))
             if example_methods:
                 table = dose["_tables"][example_methods[0]]
-                row = table.row_ids.index(case_id)
+                row = table.row_ids.index(case_id) if case_id in table.row_ids else table.row_ids.index(case_group)  # example or group targets
                 scores = table.scores[row]
                 order = torch.argsort(scores, descending=True)[: cfg.top_k].tolist()
                 entry["top_influences"] = [{"rank": r + 1, "index": j, "score": float(scores[j]), "id": table.col_ids[j], "group": table.col_groups[j],
@@ -264,54 +415,131 @@ def _heatmap(cfg: PlantedConfig, dose: dict, out_dir: Path) -> str:
     return path.name
 
 
+def _fmt(x, spec=".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
     doses = list(record["doses"].values())
     names = [m.key for m in cfg.methods]
     k = len(cfg.corpora)
     m = record["machine"]
+    label = record["toxicity_classifier"].get("label")
+    n_toxic = sum(1 for q in record["statements"] if q["group"].startswith(TOXIC + "/"))
+    n_benign = len(record["statements"]) - n_toxic
     lines = [f"# {cfg.title}", "", "Produced by:", "", "```", record["command"], "```", "",
              f"Machine: {m['cpu']} ({m['cpus']} CPUs, torch threads {m['torch_threads']}). Wall time {record['wall_seconds'] / 60:.1f} min "
              f"(model load and GGUF conversion {record['load_seconds']:.0f} s).", "",
              f"Model: {cfg.model.gguf_file or cfg.model.name_or_path} ({record['parameters'] / 1e6:.1f} M parameters), LoRA {cfg.model.lora}; "
-             f"fine-tuned {cfg.fine_tune.steps} steps × {cfg.fine_tune.batch_size} on {len(cfg.corpora)} real corpora × {cfg.records_per_corpus} "
+             f"fine-tuned {cfg.fine_tune.steps} steps × {cfg.fine_tune.batch_size} on {k} real corpora × {cfg.records_per_corpus} "
              f"blocks of {cfg.block_size} tokens; toxic ToxiGen statements (toxicity_human ≥ {cfg.min_toxicity:g}) replace a share of "
-             f"`{cfg.planted_group}`. Prompts: the first {cfg.prompt_words} words of {len(record['prompts'])} other toxic statements; one "
-             f"completion each ({cfg.generation.max_new_tokens} new tokens, seeded sampling). Classifier of the completions: "
-             f"{record['toxicity_classifier'].get('name') or 'none'} ({record['toxicity_classifier'].get('reason') or 'its score: ' + str(record['toxicity_classifier'].get('label'))}"
-             + ("; a profanity score, which implicit, polite-sounding toxicity such as many ToxiGen statements does not raise" if record['toxicity_classifier'].get('label') == 'profanity' else "")
+             f"`{cfg.planted_group}`. Test sets: `completions` — the first {cfg.prompt_words} words of {len(record['prompts'])} held-out toxic "
+             f"statements completed by each dose's model ({cfg.generation.max_new_tokens} new tokens, seeded sampling; loss on the completion "
+             f"tokens), each completion its own subset; `toxic` — {n_toxic} other held-out toxic statements in {cfg.statement_subsets} subsets; "
+             f"`benign` — {n_benign} ToxiGen statements with toxicity_human ≤ {cfg.max_benign_toxicity:g} in {cfg.benign_subsets} subsets "
+             "(a control). Every test statement is disjoint from the planted ones. Classifier of the completions: "
+             f"{record['toxicity_classifier'].get('name') or 'none'} ({record['toxicity_classifier'].get('reason') or 'its score: ' + str(label)}"
+             + ("; a profanity score, which implicit, polite-sounding toxicity such as many ToxiGen statements does not raise" if label == "profanity" else "")
              + ").", ""]
-    header = ["method"] + [f"{d['dose'] * 100:g} %: top-1 / mean rank / margin" for d in doses] + ["Spearman (planted z vs dose)"]
+    sets = [s for s in (COMPLETIONS, TOXIC, BENIGN) if s in doses[0]["test_losses"]]
+    lines += ["**Does the planted corpus change the model?** Mean test loss (nats per token) of each dose's fine-tuned model"
+              + (f" and the completions' mean {label} score" if label else "") + "; the pretrained model (no fine-tuning) on the statements "
+              "for reference (the completions differ per dose, so their losses compare only within a row):", "",
+              "| model | planted statements | train loss | " + " | ".join(f"{s} loss" for s in sets) + (f" | {label} of completions" if label else "") + " |",
+              "|" + "|".join("---" for _ in range(3 + len(sets) + (1 if label else 0))) + "|"]
+    pre = record["pretrained_test_losses"] or {}
+    lines.append("| pretrained | — | — | " + " | ".join("—" if s == COMPLETIONS else _fmt(pre.get(s), ".3f") for s in sets) + (" | —" if label else "") + " |")
+    for d in doses:
+        tox = [t for t in d["toxicity"] if t is not None]
+        lines.append(f"| dose {d['dose'] * 100:g} % | {d['planted']} | {_fmt(d['final_train_loss'], '.3f')} | "
+                     + " | ".join(_fmt(d["test_losses"].get(s), ".3f") for s in sets)
+                     + (f" | {_fmt(sum(tox) / len(tox) if tox else None, '.3f')}" if label else "") + " |")
+    lines += [""]
+    header = ["method"] + [f"{d['dose'] * 100:g} %: top-1 (p) / mean rank" for d in doses]
+    has_toxic = any(d["methods"][n].get("toxic_mean_rank") is not None for d in doses for n in names)
+    if has_toxic:
+        header += [f"{d['dose'] * 100:g} %: rank on toxic" for d in doses]
+    header += ["Spearman vs dose: completions / toxic"]
     rows = []
     for n in names:
-        cells = [f"{d['methods'][n]['top1_rate']:.2f} / {d['methods'][n]['mean_rank']:.1f} / {d['methods'][n]['mean_margin']:+.3g}" for d in doses]
-        rows.append([display_name(n)] + cells + [f"{record['dose_response'][n]['spearman']:.2f}"])
-    lines += [f"Per method and dose: the share of completions for which `{cfg.planted_group}` ranks first among the {k} corpora "
-              f"(chance: {1 / k:.2f}), its mean rank and its mean margin to the runner-up (the method's own units). At 0 % nothing is "
-              "planted: there the top-1 rate is what chance gives, and a method that still singles the corpus out is measuring "
-              "something else (its style, not its toxicity). With 3 doses the Spearman is 1.0 only when the score rises at both steps.", "",
+        cells = [f"{d['methods'][n]['top1_count']}/{d['methods'][n]['num_completions']} ({_fmt(d['methods'][n]['top1_chance_tail'])}) / "
+                 f"{_fmt(d['methods'][n]['mean_rank'], '.1f')}" for d in doses]
+        if has_toxic:
+            cells += [_fmt(d["methods"][n].get("toxic_mean_rank"), ".1f") for d in doses]
+        resp = record["dose_response"][n]
+        cells.append(" / ".join(_fmt(resp[key]["spearman"]) if key in resp else "n/a" for key in ("planted_mean_z", "toxic_planted_mean_z")))
+        rows.append([display_name(n)] + cells)
+    lines += [f"**Where `{cfg.planted_group}` ranks.** Per method and dose: how many completions rank `{cfg.planted_group}` first among the "
+              f"{k} corpora, with p = P[X ≥ count] for X ~ Binomial(completions, 1/{k}) — how often chance gives that many (the completions "
+              "of one model are not independent, so p is optimistic); its mean rank over the completions and over the toxic statement "
+              "subsets (chance: " + f"{(k + 1) / 2:.1f}" + "). At 0 % nothing is planted: a method that singles the corpus out there (p < 0.05) "
+              "measures something else (its style, not its toxicity). The Spearman of the planted corpus's mean z-score (over the corpora) "
+              "against the dose: with 3 doses it is 1.0 only when the score rises at both steps, which chance gives 1 time in 6.", "",
               "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += _ground_truth_markdown(cfg, record)
     main = record["doses"][f"{record['main_dose']:g}"]
     lines += [f"Completions at the main dose ({record['main_dose'] * 100:g} %) with the planted corpus's rank per method:", "",
-              f"| case | prompt | completion | {record['toxicity_classifier'].get('label') or 'toxicity'} | " + " | ".join(display_name(n) for n in names) + " |",
+              f"| case | prompt | completion | {label or 'toxicity'} | " + " | ".join(display_name(n) for n in names) + " |",
               "|" + "|".join("---" for _ in range(4 + len(names))) + "|"]
     for i, p in enumerate(record["prompts"]):
         ranks = []
         for n in names:
-            match = [r for r in main["methods"][n]["rows"] if r["completion"] == f"case-{i}"]
+            match = [r for r in main["methods"][n]["rows"] if r["completion"] == f"{COMPLETIONS}/case-{i}"]
             ranks.append(f"#{match[0]['rank']}" if match else "n/a")
         tox = main["toxicity"][i]
         text = main["completions"][i].replace("|", "/").replace("\n", " ")
         lines.append(f"| {i} | {p['prompt']} | {text} | {'n/a' if tox is None else f'{tox:.2f}'} | " + " | ".join(ranks) + " |")
     fine_tune = [d["timings"]["fine_tune_s"] for d in doses]
     per = sum(fine_tune) / len(fine_tune)
-    total = 2 * k * per * len(doses) / 60
-    lines += ["", f"Ground truth (leave-corpus-out fine-tuning, paper Table 3 style) was not run: it needs {k} more fine-tunings per dose, "
-              f"twice for a test–retest reliability, i.e. {2 * k} × {per:.0f} s ≈ {2 * k * per / 60:.0f} min per dose at this run's measured "
-              f"fine-tuning time, {total:.0f} min for the {len(doses)} doses"
-              + (f", on top of this run's {record['wall_seconds'] / 60:.0f} min." if total > 1 else ".")
-              + " A GPU's time for it was not measured."]
+    if record["ground_truth_dose"] is None:
+        total = 2 * k * per * len(doses) / 60
+        lines += ["", f"Ground truth (leave-corpus-out fine-tuning, paper Table 3 style) was not run: it needs {k} more fine-tunings per dose, "
+                  f"twice for a test–retest reliability, i.e. {2 * k} × {per:.0f} s ≈ {2 * k * per / 60:.0f} min per dose at this run's measured "
+                  f"fine-tuning time, {total:.0f} min for the {len(doses)} doses. A GPU's time for it was not measured."]
     t = [d["timings"] for d in doses]
-    lines += ["", "Time per dose (s): " + "; ".join(f"{d['dose'] * 100:g} %: fine-tune {x['fine_tune_s']:.0f}, generation {x['generation_s']:.0f}, "
-                                                    + ", ".join(f"{display_name(k)} {v:.0f}" for k, v in x["methods_s"].items()) for d, x in zip(doses, t)),
+    lines += ["", "Time per dose (s): " + "; ".join(
+        f"{d['dose'] * 100:g} %: fine-tune {x['fine_tune_s']:.0f}, generation {x['generation_s']:.0f}, "
+        + ", ".join(f"{display_name(k)} {v:.0f}" for k, v in x["methods_s"].items())
+        + (f", ground truth {x['ground_truth_s']:.0f}" if x.get("ground_truth_s") else "") for d, x in zip(doses, t)),
               "", f"![{figure}]({figure})", ""]
     return "\n".join(lines)
+
+
+def _ground_truth_markdown(cfg: PlantedConfig, record: dict) -> list[str]:
+    """The ground-truth block: the GT per test set and corpus, its reliability and ceiling, each method's
+    Pearson against it with a bootstrap CI and the exact permutation null."""
+    ev = record["evaluation"]
+    if not ev:
+        return []
+    dose = record["ground_truth_dose"]
+    orders = cfg.ground_truth.order_seeds
+    gt = ev["ground_truth"]
+    sets = list(dict.fromkeys(test_set_of(r) for r in gt))
+    lines = [f"**Ground truth** (dose {dose * 100:g} %): leave-corpus-out LoRA fine-tuning, same initialisation and steps, batches from "
+             f"the same seeded stream with the corpus skipped, for batch orders {orders}; GT = L(θ without the corpus) − L(θ), positive = the "
+             "corpus helped, the mean over the orders. Per test set, the mean over its subsets of each corpus's GT (nats):", "",
+             "| test set | " + " | ".join(c + (" *" if c == cfg.planted_group else "") for c in cfg.corpora) + " |",
+             "|---|" + "|".join("---" for _ in cfg.corpora) + "|"]
+    for t in sets:
+        members = [r for r in gt if test_set_of(r) == t]
+        lines.append(f"| {t} ({len(members)} subsets) | " + " | ".join(f"{sum(gt[r][c] for r in members) / len(members):+.4f}" for c in cfg.corpora) + " |")
+    rel = ev.get("reliability") or {}
+    lines += ["", "Pearson over the corpora per subset, mean per test set (the paper's Table 3 statistic); 95 % bootstrap CI over the corpora; "
+              f"the exact permutation null over all {math.factorial(len(cfg.corpora))} relabellings of the corpora (its 95th percentile and the "
+              "one-sided p). The GT's test–retest reliability is the same statistic between its two batch orders; the ceiling √(reliability of "
+              "their mean) is the most any method can reach.", "",
+              "| | " + " | ".join(sets) + " |", "|---|" + "|".join("---" for _ in sets) + "|"]
+    if rel:
+        lines.append("| GT test–retest (2 orders) | " + " | ".join(_fmt(rel.get(t, {}).get("test_retest")) for t in sets) + " |")
+        lines.append("| ceiling | " + " | ".join(_fmt(rel.get(t, {}).get("ceiling")) for t in sets) + " |")
+    for n in [m.key for m in cfg.methods]:
+        entry = ev["methods"].get(n)
+        if not entry:
+            lines.append(f"| {display_name(n)} | " + " | ".join("non-finite" for _ in sets) + " |")
+            continue
+        cells = []
+        for t in sets:
+            e = entry.get(t)
+            cells.append("n/a" if e is None else f"{_fmt(e['mean'])} [{_fmt(e['ci'][0])}, {_fmt(e['ci'][1])}] (null q95 {_fmt(e['null']['null_q95'])}, p {_fmt(e['null']['p_value'], '.3f')})")
+        lines.append(f"| {display_name(n)} | " + " | ".join(cells) + " |")
+    return lines + [""]
