@@ -89,6 +89,7 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
             assert all(1 <= r["rank"] <= 4 for r in entry["rows"]) and 0.0 <= entry["top1_rate"] <= 1.0
             assert entry["top1_chance_tail"] == pytest.approx(top1_tail(entry["top1_count"], 3, 4))
             assert entry["toxic_mean_rank"] is not None and entry["benign_mean_rank"] is not None
+            assert sum(entry["top1_counts"].values()) == 3 and entry["top1_counts"][entry["most_often_first"]] == max(entry["top1_counts"].values())
         assert set(dose["test_losses"]) == {"completions", "toxic", "benign"}
     # the same prompts, the same seeds: completions differ between doses only through the fine-tuned weights
     assert len(record["prompts"]) == 3 and all(len(d["completions"]) == 3 for d in record["doses"].values())
@@ -143,7 +144,7 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     row = order0.group_level()
     assert row.scores[row.row_ids.index("toxic/part-0"), row.col_ids.index("forum")].item() == pytest.approx(by_hand, abs=1e-5)
     md = (out / "results.md").read_text()
-    assert "top-1" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
+    assert "top-1" in md and "At 0 %, is any corpus singled out?" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
 
 
 def test_planted_without_ground_truth_writes_its_cost(tmp_path):
@@ -172,3 +173,19 @@ def test_planted_config_refuses_bad_fields():
         PlantedConfig(methods=[MethodSpec(name="graddot")], ground_truth={"order_seeds": [0, 0]})
     with pytest.raises(ValueError, match="statement_subsets"):
         PlantedConfig(methods=[MethodSpec(name="graddot")], toxic_statements=2, statement_subsets=3)
+
+
+def test_max_top1_tail_against_enumeration():
+    import itertools
+
+    from untrac_pl.experiments.planted import max_top1_tail
+
+    n, k = 5, 4
+    maxima = [max(a.count(j) for j in range(k)) for a in itertools.product(range(k), repeat=n)]
+    for observed in range(1, n + 1):
+        counts = [observed] + [1] * (n - observed) if n - observed < k else None
+        if counts is None:
+            continue
+        expected = sum(m >= observed for m in maxima) / len(maxima)
+        assert max_top1_tail(counts, k) == pytest.approx(expected, abs=1e-12)
+    assert max_top1_tail([2, 2, 1, 0], k) == pytest.approx(sum(m >= 2 for m in maxima) / len(maxima), abs=1e-12)

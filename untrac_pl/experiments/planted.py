@@ -208,6 +208,21 @@ def top1_tail(hits: int, n: int, k: int) -> float:
     return float(sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(hits, n + 1)))
 
 
+def max_top1_tail(counts: list[int], k: int) -> float:
+    """P[max_j X_j >= max(counts)] for (X_1..X_k) ~ Multinomial(sum(counts), uniform over k): how often chance
+    singles out SOME corpus as often as the most-often-first corpus here (exact, from the EGF of bounded counts)."""
+    n, top = sum(counts), max(counts) if counts else 0
+    if n == 0:
+        return float("nan")
+    # P[max <= top - 1] = n! [x^n] (sum_{c < top} x^c / c!)^k / k^n
+    term = [1.0 / math.factorial(c) if c < top else 0.0 for c in range(n + 1)]
+    poly = [1.0] + [0.0] * n
+    for _ in range(k):
+        poly = [sum(poly[i] * term[j - i] for i in range(j + 1)) for j in range(n + 1)]
+    below = poly[n] * math.factorial(n) / k ** n
+    return float(min(1.0, max(0.0, 1.0 - below)))
+
+
 def _test_set_losses(losses: torch.Tensor, groups: list[str]) -> dict:
     """Mean per-example loss per test set (completions, toxic, benign)."""
     out: dict[str, list[float]] = {}
@@ -347,7 +362,12 @@ def _summarise(rows: list[dict], num_groups: int, planted: str) -> dict:
     def mean(values):
         return sum(values) / len(values) if values else None
 
+    firsts = [max(r["scores"], key=r["scores"].get) for r in completions]
+    counts = {g: firsts.count(g) for g in completions[0]["scores"]} if n else {}
+    most = max(counts, key=counts.get) if n else None
     out = {"top1_rate": hits / n if n else float("nan"), "top1_count": hits, "num_completions": n,
+           "top1_counts": counts, "most_often_first": most,
+           "max_top1_tail": max_top1_tail(list(counts.values()), num_groups) if n else float("nan"),
            "top1_chance_tail": top1_tail(hits, n, num_groups) if n else float("nan"),
            "mean_rank": mean([r["rank"] for r in completions]) if n else float("nan"),
            "mean_margin": mean([r["margin"] for r in completions]) if n else float("nan"),
@@ -476,6 +496,14 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
               "measures something else (its style, not its toxicity). The Spearman of the planted corpus's mean z-score (over the corpora) "
               "against the dose: with 3 doses it is 1.0 only when the score rises at both steps, which chance gives 1 time in 6.", "",
               "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    zero = [d for d in doses if d["dose"] == 0.0]
+    if zero:
+        d0 = zero[0]
+        lines += [f"**At 0 %, is any corpus singled out?** Per method, the corpus ranked first most often over the {d0['methods'][names[0]]['num_completions']} "
+                  f"completions, its count, and p = P[the most frequent of {k} uniform draws per completion occurs at least that often] "
+                  "(exact multinomial; the judgement: p < 0.05 singles a corpus out beyond chance): "
+                  + "; ".join(f"{display_name(n)} `{d0['methods'][n]['most_often_first']}` {d0['methods'][n]['top1_counts'].get(d0['methods'][n]['most_often_first'], 0)}×"
+                              f" (p {_fmt(d0['methods'][n]['max_top1_tail'])})" for n in names) + ".", ""]
     lines += _ground_truth_markdown(cfg, record)
     main = record["doses"][f"{record['main_dose']:g}"]
     lines += [f"Completions at the main dose ({record['main_dose'] * 100:g} %) with the planted corpus's rank per method:", "",
