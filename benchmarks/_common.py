@@ -81,7 +81,7 @@ def median(values) -> float:
 
 def environment(device: str) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "device": device}
+            "cpu_count": os.cpu_count(), "device": device, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

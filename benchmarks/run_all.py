@@ -78,13 +78,23 @@ def table(results: dict, out: str = "benchmarks/results") -> str:
     mem = results.get("memory")
     if mem:
         for label, row in mem["rows"].items():
-            add(f"peak memory, unlearning / fine-tuning, {label}", f"{row['ratio_snapshot_on_host']:.3f}", "≤ 1.05", row["ratio_snapshot_on_host"] <= 1.05,
-                f"θ0 snapshot in host memory (`snapshot_device: cpu`); snapshot on the device: {row['ratio_snapshot_on_device']:.3f}")
+            if row.get("variant") is None:  # a result file from before the LoRA rows: its host figure was not a measurement on CPU
+                row = {**row, "variant": "full model", "snapshot_bytes": None,
+                       "ratio_snapshot_on_host": row["ratio_snapshot_on_host"] if mem["measure"].startswith("torch.cuda") else None}
+            host = row.get("ratio_snapshot_on_host")
+            note = (f"θ0 snapshot ({row['snapshot_bytes'] / 2**20:.1f} MiB of trainable tensors) on the device"
+                    if row.get("snapshot_bytes") else "θ0 snapshot on the device")
+            note += (f"; in host memory (`snapshot_device: cpu`): {host:.3f}" if host is not None
+                     else "; on CPU there is no separate host memory to keep it in, so this is the whole peak")
+            add(f"peak memory, unlearning / fine-tuning, {label}", f"{row['ratio_snapshot_on_device']:.3f}", "≤ 1.05",
+                row["ratio_snapshot_on_device"] <= 1.05, note)
     env = next(iter(results.values()))["environment"]
     where = env.get("gpu") or f"CPU, {env['threads']} thread(s) of {env['cpu_count']} cores"
     rows.append("")
     shown = [a for a in sys.argv[1:] if a not in ("--reuse", "--update-readme")]
-    rows.append(f"Measured in one run of `{' '.join(['python', 'benchmarks/run_all.py'] + shown)}` on {where}, torch {env['torch']}; raw numbers in `{out}/*.json`.")
+    reused = [name for name, r in results.items() if r.get("_reused")]
+    rows.append(f"Measured in one run of `{' '.join(['python', 'benchmarks/run_all.py'] + shown)}` on {where}, torch {env['torch']}; raw numbers in `{out}/*.json`"
+                + (f"; the rows of {', '.join(reused)} are an earlier run's (`--reuse`), measured {', '.join(results[n]['environment'].get('date', 'on an earlier day') for n in reused)}." if reused else "."))
     return "\n".join(rows)
 
 
@@ -119,7 +129,7 @@ def main(argv=None) -> None:
     for name in args.only:
         existing = Path(args.out) / f"{name}.json"
         if args.reuse and existing.exists():
-            results[name] = json.loads(existing.read_text())
+            results[name] = {**json.loads(existing.read_text()), "_reused": True}
         else:
             results[name] = run(name, sizes.get(name, []), args)
     text = table(results, Path(args.out).resolve().relative_to(HERE.parent).as_posix() if Path(args.out).resolve().is_relative_to(HERE.parent) else args.out)
