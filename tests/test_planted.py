@@ -144,7 +144,7 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     row = order0.group_level()
     assert row.scores[row.row_ids.index("toxic/part-0"), row.col_ids.index("forum")].item() == pytest.approx(by_hand, abs=1e-5)
     md = (out / "results.md").read_text()
-    assert "top-1" in md and "At 0 %, is any corpus singled out?" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
+    assert "top-1 (p) / mean rank / margin" in md and "At 0 %, is any corpus singled out?" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
 
 
 def test_planted_without_ground_truth_writes_its_cost(tmp_path):

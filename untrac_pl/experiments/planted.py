@@ -475,7 +475,7 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
                      + " | ".join(_fmt(d["test_losses"].get(s), ".3f") for s in sets)
                      + (f" | {_fmt(sum(tox) / len(tox) if tox else None, '.3f')}" if label else "") + " |")
     lines += [""]
-    header = ["method"] + [f"{d['dose'] * 100:g} %: top-1 (p) / mean rank" for d in doses]
+    header = ["method"] + [f"{d['dose'] * 100:g} %: top-1 (p) / mean rank / margin" for d in doses]
     has_toxic = any(d["methods"][n].get("toxic_mean_rank") is not None for d in doses for n in names)
     if has_toxic:
         header += [f"{d['dose'] * 100:g} %: rank on toxic / benign" for d in doses]
@@ -483,7 +483,7 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
     rows = []
     for n in names:
         cells = [f"{d['methods'][n]['top1_count']}/{d['methods'][n]['num_completions']} ({_fmt(d['methods'][n]['top1_chance_tail'])}) / "
-                 f"{_fmt(d['methods'][n]['mean_rank'], '.1f')}" for d in doses]
+                 f"{_fmt(d['methods'][n]['mean_rank'], '.1f')} / {_fmt(d['methods'][n]['mean_margin'], '+.2g')}" for d in doses]
         if has_toxic:
             cells += [f"{_fmt(d['methods'][n].get('toxic_mean_rank'), '.1f')} / {_fmt(d['methods'][n].get('benign_mean_rank'), '.1f')}" for d in doses]
         resp = record["dose_response"][n]
@@ -491,7 +491,7 @@ def _markdown(cfg: PlantedConfig, record: dict, figure: str) -> str:
         rows.append([display_name(n)] + cells)
     lines += [f"**Where `{cfg.planted_group}` ranks.** Per method and dose: how many completions rank `{cfg.planted_group}` first among the "
               f"{k} corpora, with p = P[X ≥ count] for X ~ Binomial(completions, 1/{k}) — how often chance gives that many (the completions "
-              "of one model are not independent, so p is optimistic); its mean rank over the completions, over the toxic statement "
+              "of one model are not independent, so p is optimistic); its mean rank and its mean margin to the runner-up (the method's own units; negative: another corpus scored higher) over the completions, its mean rank over the toxic statement "
               "subsets and over the benign (control) subsets (chance: " + f"{(k + 1) / 2:.1f}" + "). At 0 % nothing is planted: a method that singles the corpus out there (p < 0.05) "
               "measures something else (its style, not its toxicity). The Spearman of the planted corpus's mean z-score (over the corpora) "
               "against the dose: with 3 doses it is 1.0 only when the score rises at both steps, which chance gives 1 time in 6.", "",
