@@ -189,3 +189,27 @@ def test_max_top1_tail_against_enumeration():
         expected = sum(m >= observed for m in maxima) / len(maxima)
         assert max_top1_tail(counts, k) == pytest.approx(expected, abs=1e-12)
     assert max_top1_tail([2, 2, 1, 0], k) == pytest.approx(sum(m >= 2 for m in maxima) / len(maxima), abs=1e-12)
+
+
+def test_planted_bad_statement_files_are_named(tmp_path):
+    cfg = _tiny_config(tmp_path, toxigen_file=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="toxigen_file: .*missing.jsonl does not exist"):
+        run_planted(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+    from pathlib import Path
+
+    from untrac_pl.experiments.planted import benign_statements
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine", "toxicity_human": 1.0}) + "\n" + json.dumps({"text": "no score"}) + "\n")
+    with pytest.raises(ValueError, match=r"toxigen_file: .*bad.jsonl:2: .*toxicity_human"):
+        benign_statements(Path(bad), 1.5, 1, 0)
+    with pytest.raises(ValueError, match="fewer than benign_statements=5"):
+        benign_statements(_one_benign(tmp_path), 1.5, 5, 0)
+
+
+def _one_benign(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "fine", "toxicity_human": 1.0}) + "\n")
+    return path

@@ -9,7 +9,13 @@ seeded sampling, and every method of ``methods:`` attributes each completion (th
 tokens) to the corpora. Reported per method: the planted corpus's rank for each completion, the top-1
 rate and the margin to the runner-up, at every dose (``doses``) with the Spearman correlation of the
 planted corpus's mean score against the dose; at dose 0 nothing is planted, so the top-1 rate there is
-what chance gives (1 / number of corpora).
+what chance gives (1 / number of corpora). Two statement test sets sit next to the completions: other held-out
+toxic statements (``toxic/part-<j>``) and benign ToxiGen statements (``benign/part-<j>``, a control), so a
+method's answer can be told apart from the corpus's style. With ``ground_truth.order_seeds`` the
+leave-corpus-out LoRA fine-tuning is run at one dose for each batch order (coupled: the same stream with the
+corpus skipped), and every method is compared with it per test set as in the paper's Table 3, with the ground
+truth's test–retest reliability, bootstrap CIs and the exact permutation null
+(:func:`untrac_pl.evaluation.power.setting_statistics`, on the score folder's standard layout).
 
 Why LoRA: a full fine-tune of 135M parameters on two CPU cores does not fit the budget, and the LoRA
 delta is exactly what the fine-tuning data wrote into the model — the thing being attributed. The
@@ -237,6 +243,8 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
+    if not Path(cfg.toxigen_file).is_file():
+        raise FileNotFoundError(f"toxigen_file: {cfg.toxigen_file} does not exist (ToxiGen statements with 'text' and 'toxicity_human', JSONL)")
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
     t_load = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
