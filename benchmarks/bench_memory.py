@@ -61,12 +61,10 @@ class Meter:
 class PhaseMeter(pl.Callback):
     """Resets the meter when the ascent starts and reads its peak when it ends."""
 
-    def __init__(self, meter: Meter, runner_restore=None, ignore_snapshot: bool = False):
-        self.meter, self.restore, self.ignore_snapshot, self.value = meter, runner_restore, ignore_snapshot, None
+    def __init__(self, meter: Meter, runner_restore=None):
+        self.meter, self.restore, self.value = meter, runner_restore, None
 
     def on_train_start(self, trainer, pl_module):
-        if self.ignore_snapshot and self.meter.tracker is not None:
-            self.meter.tracker.ignore(*self.restore._snapshot.values())
         self.meter.reset()
 
     def on_train_end(self, trainer, pl_module):

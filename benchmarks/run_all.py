@@ -88,13 +88,19 @@ def table(results: dict, out: str = "benchmarks/results") -> str:
                      else "; on CPU there is no separate host memory to keep it in, so this is the whole peak")
             add(f"peak memory, unlearning / fine-tuning, {label}", f"{row['ratio_snapshot_on_device']:.3f}", "≤ 1.05",
                 row["ratio_snapshot_on_device"] <= 1.05, note)
-    env = next(iter(results.values()))["environment"]
+    env = next((r for r in results.values() if not r.get("_reused")), next(iter(results.values())))["environment"]
     where = env.get("gpu") or f"CPU, {env['threads']} thread(s) of {env['cpu_count']} cores"
     rows.append("")
     shown = [a for a in sys.argv[1:] if a not in ("--reuse", "--update-readme")]
     reused = [name for name, r in results.items() if r.get("_reused")]
-    rows.append(f"Measured in one run of `{' '.join(['python', 'benchmarks/run_all.py'] + shown)}` on {where}, torch {env['torch']}; raw numbers in `{out}/*.json`"
-                + (f"; the rows of {', '.join(reused)} are an earlier run's (`--reuse`), measured {', '.join(results[n]['environment'].get('date', 'on an earlier day') for n in reused)}." if reused else "."))
+    fresh = [name for name in results if name not in reused]
+    command = f"`{' '.join(['python', 'benchmarks/run_all.py'] + shown)}`"
+    if not reused:
+        rows.append(f"Measured in one run of {command} on {where}, torch {env['torch']}; raw numbers in `{out}/*.json`.")
+    else:
+        dates = sorted({results[n]["environment"].get("date", "an earlier day") for n in reused})
+        rows.append(f"Rows of {', '.join(fresh) or 'no benchmark'} measured in this run of {command} on {where}, torch {env['torch']}; "
+                    f"rows of {', '.join(reused)} reused from an earlier run (`--reuse`, measured {', '.join(dates)}); raw numbers in `{out}/*.json`.")
     return "\n".join(rows)
 
 
