@@ -3,6 +3,7 @@ corpus at several doses, seeded completions, every method, the seed-schema JSON,
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -12,7 +13,7 @@ from test_gguf import write_tiny_llama  # noqa: E402
 
 from untrac_pl.data.schedule import UnlearningSchedule  # noqa: E402
 from untrac_pl.experiments.methods import MethodSpec  # noqa: E402
-from untrac_pl.experiments.planted import FineTune, GroundTruth, PlantedConfig, rank_rows, run_planted, top1_tail  # noqa: E402
+from untrac_pl.experiments.planted import FineTune, GroundTruth, PlantedConfig, rank_rows, read_statements, run_planted, top1_tail  # noqa: E402
 from untrac_pl.experiments.toxicity import GenerationConfig  # noqa: E402
 from untrac_pl.models import ModelSpec  # noqa: E402
 from untrac_pl.optim import OptimizerSpec  # noqa: E402
@@ -39,7 +40,9 @@ def _corpora(tmp_path):
 
 
 def test_rank_rows_by_hand():
-    table = ScoreTable(__import__("torch").tensor([[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]]), ["c0", "c1"], ["c0", "c1"],
+    import torch
+
+    table = ScoreTable(torch.tensor([[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]]), ["c0", "c1"], ["c0", "c1"],
                        ["a", "p", "b"], ["a", "p", "b"], "group", "group", "m")
     rows = rank_rows(table, "p")
     assert [r["rank"] for r in rows] == [1, 3]
@@ -66,7 +69,12 @@ def _tiny_config(tmp_path, **overrides):
 
 
 def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
+    import copy
+    import dataclasses
+
     import torch
+
+    from untrac_pl.evaluation.metrics import align, pearson
 
     from untrac_pl.data.tokenize import tokenize_records
     from untrac_pl.experiments.dose import plant
@@ -94,11 +102,15 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     # the same prompts, the same seeds: completions differ between doses only through the fine-tuned weights
     assert len(record["prompts"]) == 3 and all(len(d["completions"]) == 3 for d in record["doses"].values())
     assert set(record["pretrained_test_losses"]) >= {"toxic", "benign"}
-    # held-out statements: none is a prompt's statement, none was planted
-    planted_texts = {"those people are awful and ruin everything number %d" % i for i in range(30)}
+    # held-out statements: none is a prompt's statement, none was planted (the pool's statements at the largest dose)
+    pool, prompts, statements = read_statements(cfg)
+    assert statements == record["statements"] and [p["prompt"] for p in prompts] == [p["prompt"] for p in record["prompts"]]
+    planted_texts = {r["text"] for r in pool[:3]}  # dose 0.5 of 6 forum blocks plants the pool's first 3
     prompt_statements = {p["statement"] for p in record["prompts"]}
-    toxic_texts = {q["text"] for q in record["statements"] if q["group"].startswith("toxic/")}
-    assert len(toxic_texts) == 4 and not toxic_texts & prompt_statements and toxic_texts <= planted_texts
+    toxic_texts = {q["text"] for q in statements if q["group"].startswith("toxic/")}
+    benign_texts = {q["text"] for q in statements if q["group"].startswith("benign/")}
+    assert len(toxic_texts) == 4 and len(benign_texts) == 2
+    assert not toxic_texts & (prompt_statements | {r["text"] for r in pool}) and not benign_texts & (prompt_statements | planted_texts)
     seed = json.loads((out / "untrac_toxicity_results.json").read_text())
     case = seed["test_cases"][0]
     assert {"prompt", "completion", "toxicity", "top_influences", "group_scores"} <= set(case)
@@ -118,31 +130,35 @@ def test_planted_experiment_end_to_end_on_a_tiny_gguf(tmp_path):
     assert set(ev["reliability"]) == {"completions", "toxic", "benign"}
     assert set(ev["methods"]) == {"untrac_inv", "untrac", "graddot", "tracin"}
     assert ev["methods"]["graddot"]["toxic"]["null"]["n"] == 24 and ev["methods"]["graddot"]["toxic"]["null"]["exact"]
-    # an independent re-derivation of one GT entry: fine-tune without `forum` by hand from the same LoRA
-    # initialisation with batch order 0, minus the experiment's own θ (order 0) on the same query
+    # an independent re-derivation of GT entries: fine-tune with and without `forum` by hand from the same LoRA
+    # initialisation, for each batch order (order 0's θ is the experiment's own model, order 1's is refitted)
     tokenizer = load_tokenizer(cfg.model)
-    base = build_model(__import__("dataclasses").replace(cfg.model, lora=None), tokenizer)
-    blocks = corpus_records(cfg, tokenizer)
-    import random  # noqa: F401  (plant is seeded by the config's seed)
-    from untrac_pl.experiments.dose import behaviour_statements
-    from pathlib import Path
-    pool, _ = behaviour_statements(Path(cfg.toxigen_file), cfg.min_toxicity, cfg.num_prompts + cfg.toxic_statements, cfg.seed)
-    train, _ = plant(blocks, "forum", pool, 0.5, cfg.seed)
+    base = build_model(dataclasses.replace(cfg.model, lora=None), tokenizer)
+    train, count = plant(corpus_records(cfg, tokenizer), "forum", pool, 0.5, cfg.seed)
+    assert count == 3 and planted_texts == {r["text"] for r in train if r["id"].startswith("planted:")}
     corpus = tokenize_records(train, tokenizer, cfg.max_length, "training data")
     queries = [q for q in record["statements"] if q["group"] == "toxic/part-0"]
     examples = tokenize_records(queries, tokenizer, cfg.max_length, "queries").examples
 
-    def fitted(exclude):
-        net = attach_lora(__import__("copy").deepcopy(base), cfg.model.lora, seed=cfg.model.init_seed)
+    def fitted(exclude, order):
+        net = attach_lora(copy.deepcopy(base), cfg.model.lora, seed=cfg.model.init_seed)
         lm = CausalLMModule(model=cfg.model, optimizer=cfg.fine_tune.optimizer, lr_schedule=cfg.fine_tune.lr_schedule,
                             warmup_steps=cfg.fine_tune.warmup_steps, max_steps=cfg.fine_tune.steps, grad_clip=1.0)
         lm.attach(net, tokenizer)
-        fit_lm(lm, corpus, FitSpec(max_steps=4, batch_size=4, seed=0, order_seed=0, exclude_groups=exclude), {"accelerator": "cpu", "devices": 1})
+        fit_lm(lm, corpus, FitSpec(max_steps=4, batch_size=4, seed=0, order_seed=order, exclude_groups=exclude), {"accelerator": "cpu", "devices": 1})
         return example_losses(net, examples, tokenizer.pad_token_id)
 
-    by_hand = float((fitted(["forum"]) - fitted([])).mean())
-    row = order0.group_level()
-    assert row.scores[row.row_ids.index("toxic/part-0"), row.col_ids.index("forum")].item() == pytest.approx(by_hand, abs=1e-5)
+    for order, table in ((0, order0), (1, order1)):
+        by_hand = float((fitted(["forum"], order) - fitted([], order)).mean())
+        g = table.group_level()
+        assert g.scores[g.row_ids.index("toxic/part-0"), g.col_ids.index("forum")].item() == pytest.approx(by_hand, abs=1e-5)
+    # the Table 3 statistic, recomputed from the score files: mean over the toxic subsets of Pearson over the corpora
+    graddot = ScoreTable.load(gt_dir / "graddot.safetensors")
+    m, g, rows, _ = align(graddot, mean)
+    toxic_rows = [i for i, r in enumerate(rows) if r.startswith("toxic/")]
+    expected = sum(pearson(m[i], g[i]) for i in toxic_rows) / len(toxic_rows)
+    assert ev["methods"]["graddot"]["toxic"]["mean"] == pytest.approx(expected, abs=1e-9)
+    assert abs(record["dose_response"]["graddot"]["planted_mean_z"]["spearman"]) == pytest.approx(1.0, abs=1e-4)  # two doses: ±1
     md = (out / "results.md").read_text()
     assert "top-1 (p) / mean rank / margin" in md and "At 0 %, is any corpus singled out?" in md and "**Ground truth** (dose 50 %)" in md and "GT test–retest" in md and (out / "heatmap.png").exists()
 
@@ -159,7 +175,7 @@ def test_planted_without_ground_truth_writes_its_cost(tmp_path):
 def test_top1_tail_is_the_binomial_tail():
     assert top1_tail(0, 8, 6) == pytest.approx(1.0)
     assert top1_tail(8, 8, 6) == pytest.approx((1 / 6) ** 8)
-    assert top1_tail(3, 8, 6) == pytest.approx(1 - sum(__import__("math").comb(8, j) * (1 / 6) ** j * (5 / 6) ** (8 - j) for j in range(3)))
+    assert top1_tail(3, 8, 6) == pytest.approx(1 - sum(math.comb(8, j) * (1 / 6) ** j * (5 / 6) ** (8 - j) for j in range(3)))
 
 
 def test_planted_config_refuses_bad_fields():
@@ -192,24 +208,24 @@ def test_max_top1_tail_against_enumeration():
 
 
 def test_planted_bad_statement_files_are_named(tmp_path):
+    import dataclasses
+
     cfg = _tiny_config(tmp_path, toxigen_file=str(tmp_path / "missing.jsonl"))
     with pytest.raises(FileNotFoundError, match="toxigen_file: .*missing.jsonl does not exist"):
         run_planted(cfg)
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
-    from pathlib import Path
+    def statements_file(lines):
+        path = tmp_path / "statements.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        return dataclasses.replace(cfg, toxigen_file=str(path))
 
-    from untrac_pl.experiments.planted import benign_statements
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "fine", "toxicity_human": 1.0}) + "\n" + json.dumps({"text": "no score"}) + "\n")
-    with pytest.raises(ValueError, match=r"toxigen_file: .*bad.jsonl:2: .*toxicity_human"):
-        benign_statements(Path(bad), 1.5, 1, 0)
-    with pytest.raises(ValueError, match="fewer than benign_statements=5"):
-        benign_statements(_one_benign(tmp_path), 1.5, 5, 0)
-
-
-def _one_benign(tmp_path):
-    path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps({"text": "fine", "toxicity_human": 1.0}) + "\n")
-    return path
+    toxic = [{"text": f"awful statement {i}", "toxicity_human": 5.0} for i in range(30)]
+    benign = [{"text": f"kind statement {i}", "toxicity_human": 1.0} for i in range(3)]
+    read_statements(statements_file(toxic + benign))  # enough of both
+    with pytest.raises(ValueError, match=r"toxigen_file: .*statements.jsonl:31: .*toxicity_human"):
+        read_statements(statements_file(toxic + [{"text": "no score"}]))
+    with pytest.raises(ValueError, match=r"min_toxicity \(4\).*num_prompts \+ toxic_statements = 7"):
+        read_statements(statements_file(toxic[:12] + benign))
+    with pytest.raises(ValueError, match=r"max_benign_toxicity \(1.5\), fewer than benign_statements=2"):
+        read_statements(statements_file(toxic + benign[:1]))

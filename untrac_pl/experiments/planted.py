@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import time
+from fractions import Fraction
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -76,8 +77,8 @@ class FineTune:
 class GroundTruth:
     """Leave-corpus-out LoRA fine-tuning at one dose (default: the main dose), once per batch order.
 
-    ``order_seeds``: the batch-order seeds; the first is the experiment's own fine-tuning (its model is θ), every
-    further one refits θ as well; two or more give the ground truth's test–retest reliability. Empty: not run.
+    ``order_seeds``: the batch-order seeds; an order equal to the experiment's ``seed`` reuses its own fine-tuning
+    as θ when it comes first, every other order refits θ with its own batch order; two or more give the ground truth's test–retest reliability. Empty: not run.
     Each corpus k: the same LoRA initialisation, the same steps, batches from the same seeded stream with
     corpus k's blocks skipped (``untrac_pl.training``); GT[s, k] = L_s(θ_-k) − L_s(θ), positive = k helped."""
 
@@ -190,8 +191,8 @@ def benign_statements(path: Path, max_toxicity: float, count: int, seed: int) ->
         if score <= max_toxicity:
             rows.append({"id": f"benign:{number}", "text": text, "group": "benign"})
     if len(rows) < count:
-        raise ValueError(f"toxigen_file: {path} has {len(rows)} statements with toxicity_human <= {max_toxicity:g}, "
-                         f"fewer than benign_statements={count}")
+        raise ValueError(f"toxigen_file: {path} has {len(rows)} statements with toxicity_human <= max_benign_toxicity "
+                         f"({max_toxicity:g}), fewer than benign_statements={count}")
     return sample_per_group(rows, count, seed)
 
 
@@ -200,6 +201,29 @@ def statement_queries(toxic: list[dict], benign: list[dict], cfg: "PlantedConfig
     out = [{"id": f"toxic:{i}", "group": f"toxic/part-{i % cfg.statement_subsets}", "text": t["text"]} for i, t in enumerate(toxic)]
     out += [{"id": f"benign:{i}", "group": f"benign/part-{i % cfg.benign_subsets}", "text": t["text"]} for i, t in enumerate(benign)]
     return out
+
+
+def read_statements(cfg: "PlantedConfig") -> tuple[list[dict], list[dict], list[dict]]:
+    """(planting pool, prompts, statement queries) from ``toxigen_file``; errors name the config's fields.
+
+    The toxic statements are split into two disjoint halves (:func:`behaviour_statements`): the pool the doses
+    plant from, and the held-out half that gives the prompts and the ``toxic`` test set."""
+    path = Path(cfg.toxigen_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"toxigen_file: {path} does not exist (ToxiGen statements with 'text' and 'toxicity_human', JSONL)")
+    needed = cfg.num_prompts + cfg.toxic_statements
+    try:
+        pool, tests = behaviour_statements(path, cfg.min_toxicity, needed, cfg.seed)
+    except ValueError as exc:
+        message = str(exc)
+        if "fewer than twice" in message:
+            message = (f"toxigen_file: {path} has too few statements with toxicity_human >= min_toxicity ({cfg.min_toxicity:g}): "
+                       f"half of them are the planting pool, the other half must hold num_prompts + toxic_statements = {needed}")
+        else:
+            message = f"toxigen_file: {message}"
+        raise ValueError(message) from None
+    benign = benign_statements(path, cfg.max_benign_toxicity, cfg.benign_statements, cfg.seed) if cfg.benign_statements else []
+    return pool, prompts_of(tests[: cfg.num_prompts], cfg.prompt_words), statement_queries(tests[cfg.num_prompts:], benign, cfg)
 
 
 def rank_rows(table, planted: str) -> list[dict]:
@@ -216,17 +240,15 @@ def top1_tail(hits: int, n: int, k: int) -> float:
 
 def max_top1_tail(counts: list[int], k: int) -> float:
     """P[max_j X_j >= max(counts)] for (X_1..X_k) ~ Multinomial(sum(counts), uniform over k): how often chance
-    singles out SOME corpus as often as the most-often-first corpus here (exact, from the EGF of bounded counts)."""
+    singles out SOME corpus as often as the most-often-first corpus here (exact integer count of the sequences
+    whose every count stays below the maximum)."""
     n, top = sum(counts), max(counts) if counts else 0
     if n == 0:
         return float("nan")
-    # P[max <= top - 1] = n! [x^n] (sum_{c < top} x^c / c!)^k / k^n
-    term = [1.0 / math.factorial(c) if c < top else 0.0 for c in range(n + 1)]
-    poly = [1.0] + [0.0] * n
+    ways = [1] + [0] * n  # ways[j]: sequences of length j over the corpora so far, every count < top
     for _ in range(k):
-        poly = [sum(poly[i] * term[j - i] for i in range(j + 1)) for j in range(n + 1)]
-    below = poly[n] * math.factorial(n) / k ** n
-    return float(min(1.0, max(0.0, 1.0 - below)))
+        ways = [sum(ways[j - c] * math.comb(j, c) for c in range(min(j, top - 1) + 1)) for j in range(n + 1)]
+    return float(1 - Fraction(ways[n], k ** n))
 
 
 def _test_set_losses(losses: torch.Tensor, groups: list[str]) -> dict:
@@ -243,18 +265,13 @@ def run_planted(cfg: PlantedConfig, command: str = "", trainer_kwargs: Optional[
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
-    if not Path(cfg.toxigen_file).is_file():
-        raise FileNotFoundError(f"toxigen_file: {cfg.toxigen_file} does not exist (ToxiGen statements with 'text' and 'toxicity_human', JSONL)")
+    pool, prompts, statements = read_statements(cfg)  # before the model loads: a bad file stops at once
     trainer_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer_kwargs or {})}
     t_load = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     base_model = build_model(replace(cfg.model, lora=None), tokenizer)  # loaded (and converted) once, copied per dose
     load_seconds = time.perf_counter() - t_load
     blocks = corpus_records(cfg, tokenizer)
-    pool, tests = behaviour_statements(Path(cfg.toxigen_file), cfg.min_toxicity, cfg.num_prompts + cfg.toxic_statements, cfg.seed)
-    prompts = prompts_of(tests[: cfg.num_prompts], cfg.prompt_words)
-    benign = benign_statements(Path(cfg.toxigen_file), cfg.max_benign_toxicity, cfg.benign_statements, cfg.seed) if cfg.benign_statements else []
-    statements = statement_queries(tests[cfg.num_prompts:], benign, cfg)
     scorer, classifier = load_toxicity_scorer(cfg.toxicity_classifier)
     context = int(getattr(base_model.config, "max_position_embeddings", 2048) or 2048)
     fit = FitSpec(max_steps=cfg.fine_tune.steps, batch_size=cfg.fine_tune.batch_size, seed=cfg.seed, order_seed=cfg.seed,
