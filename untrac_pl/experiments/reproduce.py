@@ -576,7 +576,7 @@ def reproduce(cfg: ReproduceConfig, command: str = "", trainer_kwargs: Optional[
     history_path = out_dir / "invocations.json"
     history = json.loads(history_path.read_text()) if (cfg.resume or cfg.evaluate_only) and history_path.exists() else []
     history.append({"command": command, "wall_seconds": wall, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "evaluate_only": cfg.evaluate_only})
+                    "evaluate_only": cfg.evaluate_only, "machine": machine_facts()["cpu"]})
     write_json_atomic(history_path, history)
     extra = {"name": cfg.name, "wall_seconds": wall, "runs": json_safe(runs), "config": json_safe(asdict(cfg)), "versions": versions(),
              "machine": machine_facts(), "float_noise_runs": noise, "curves": curve_info, "invocations": history}
@@ -591,7 +591,8 @@ def _run_notes(cfg: ReproduceConfig, runs: dict, wall: float, history: Optional[
     lines = []
     if history and len(history) > 1:
         lines += ["Invocations that wrote this folder (each resumed the one before):", ""]
-        lines += [f"{i}. `{h['command']}` — {h['wall_seconds'] / 60:.1f} min wall" + (" (evaluation only)" if h.get("evaluate_only") else "")
+        lines += [f"{i}. `{h['command']}` — {h['wall_seconds'] / 60:.1f} min wall" + (f" on {h['machine']}" if h.get("machine") else "")
+                  + (" (evaluation only)" if h.get("evaluate_only") else "")
                   for i, h in enumerate(history, 1)]
         lines += [""]
     lines += [f"Machine: {m['cpu']} ({m['cpus']} CPUs; flags {', '.join(m['cpu_flags']) or 'none of avx2/avx512'}); {m['platform']}.", ""]
