@@ -55,22 +55,26 @@ class DoseSpec:
             raise ValueError(f"dose.doses={self.doses}: at least three distinct shares in [0, 1)")
 
 
-def behaviour_statements(path: Path, min_toxicity: float, test_samples: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(planting pool, test records): the toxic statements split at random into two disjoint halves."""
-    if not path.exists():
-        raise FileNotFoundError(f"dose.source_file: {path} does not exist (ToxiGen statements with a toxicity_human field, JSONL)")
-    toxic = []
+def toxigen_rows(path: Path) -> list[tuple[int, str, float]]:
+    """``(line number, text, toxicity_human)`` of every non-blank line of a ToxiGen JSONL file; a malformed
+    line is a ``ValueError`` naming ``path:line``."""
+    rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            score = float(row["toxicity_human"])
-            text = str(row["text"])
+            rows.append((number, str(row["text"]), float(row["toxicity_human"])))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{number}: a ToxiGen record needs 'text' and a numeric 'toxicity_human' ({type(exc).__name__}: {exc})") from None
-        if score >= min_toxicity:
-            toxic.append({"text": text})
+    return rows
+
+
+def behaviour_statements(path: Path, min_toxicity: float, test_samples: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(planting pool, test records): the toxic statements split at random into two disjoint halves."""
+    if not path.exists():
+        raise FileNotFoundError(f"dose.source_file: {path} does not exist (ToxiGen statements with a toxicity_human field, JSONL)")
+    toxic = [{"text": text} for _, text, score in toxigen_rows(path) if score >= min_toxicity]
     if len(toxic) < 2 * test_samples:
         raise ValueError(f"{path}: {len(toxic)} statements with toxicity_human >= {min_toxicity}, fewer than twice dose.test_samples ({test_samples})")
     random.Random(f"dose-split:{seed}").shuffle(toxic)

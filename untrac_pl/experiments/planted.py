@@ -28,7 +28,6 @@ Outputs: ``untrac_toxicity_results.json`` (the seed's schema: ``test_cases[]`` w
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from fractions import Fraction
@@ -44,7 +43,7 @@ from untrac_pl.evaluation.ground_truth import GROUND_TRUTH, leave_group_out
 from untrac_pl.evaluation.metrics import ground_truth_summary, standardise, test_set_of
 from untrac_pl.evaluation.power import ORDERS_DIR, setting_statistics
 from untrac_pl.evaluation.statistics import dose_response
-from untrac_pl.experiments.dose import behaviour_statements, plant, standing
+from untrac_pl.experiments.dose import behaviour_statements, plant, standing, toxigen_rows
 from untrac_pl.experiments.methods import MethodContext, MethodSpec, run_method
 from untrac_pl.experiments.protocol import mean_ground_truth
 from untrac_pl.experiments.toxicity import RESULTS_FILE, GenerationConfig, load_toxicity_scorer, sample_completion
@@ -178,20 +177,9 @@ def prompts_of(tests: list[dict], words: int) -> list[dict]:
 
 def benign_statements(path: Path, max_toxicity: float, count: int, seed: int) -> list[dict]:
     """``count`` seeded ToxiGen statements with ``toxicity_human <= max_toxicity`` (the control test set)."""
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            score, text = float(row["toxicity_human"]), str(row["text"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"toxigen_file: {path}:{number}: a ToxiGen record needs 'text' and a numeric 'toxicity_human' "
-                             f"({type(exc).__name__}: {exc})") from None
-        if score <= max_toxicity:
-            rows.append({"id": f"benign:{number}", "text": text, "group": "benign"})
+    rows = [{"id": f"benign:{number}", "text": text, "group": "benign"} for number, text, score in toxigen_rows(path) if score <= max_toxicity]
     if len(rows) < count:
-        raise ValueError(f"toxigen_file: {path} has {len(rows)} statements with toxicity_human <= max_benign_toxicity "
+        raise ValueError(f"{path} has {len(rows)} statements with toxicity_human <= max_benign_toxicity "
                          f"({max_toxicity:g}), fewer than benign_statements={count}")
     return sample_per_group(rows, count, seed)
 
@@ -214,15 +202,13 @@ def read_statements(cfg: "PlantedConfig") -> tuple[list[dict], list[dict], list[
     needed = cfg.num_prompts + cfg.toxic_statements
     try:
         pool, tests = behaviour_statements(path, cfg.min_toxicity, needed, cfg.seed)
+        benign = benign_statements(path, cfg.max_benign_toxicity, cfg.benign_statements, cfg.seed) if cfg.benign_statements else []
     except ValueError as exc:
         message = str(exc)
-        if "fewer than twice" in message:
-            message = (f"toxigen_file: {path} has too few statements with toxicity_human >= min_toxicity ({cfg.min_toxicity:g}): "
+        if "fewer than twice" in message:  # behaviour_statements names the dose benchmark's field; say it in this config's
+            message = (f"{path} has too few statements with toxicity_human >= min_toxicity ({cfg.min_toxicity:g}): "
                        f"half of them are the planting pool, the other half must hold num_prompts + toxic_statements = {needed}")
-        else:
-            message = f"toxigen_file: {message}"
-        raise ValueError(message) from None
-    benign = benign_statements(path, cfg.max_benign_toxicity, cfg.benign_statements, cfg.seed) if cfg.benign_statements else []
+        raise ValueError(f"toxigen_file: {message}") from None
     return pool, prompts_of(tests[: cfg.num_prompts], cfg.prompt_words), statement_queries(tests[cfg.num_prompts:], benign, cfg)
 
 
