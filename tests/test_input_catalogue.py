@@ -60,9 +60,20 @@ def _jsonl(path: Path, records) -> Path:
     return path
 
 
+DATA_DEFAULTS = {"max_length": 40, "eval_batch_size": 8}
+
+
+@pytest.fixture(params=["memory", "arrow"])
+def storage(request, monkeypatch, tmp_path):
+    """Run a file-reading row with both storages: Arrow (data.storage: arrow) must give the same errors."""
+    monkeypatch.setitem(DATA_DEFAULTS, "storage", request.param)
+    monkeypatch.setitem(DATA_DEFAULTS, "cache_dir", str(tmp_path / "datasets-cache"))
+    return request.param
+
+
 def _attribute(tmp_path, train=None, queries=None, *, spec=None, module=None, schedule=None, data=None, method="untrac_inv", **config):
     """One write=True run into tmp_path/out; ``train``/``queries``: paths (real readers) or records."""
-    data = {"max_length": 40, "eval_batch_size": 8, **(data or {})}
+    data = {**DATA_DEFAULTS, **(data or {})}
     train = GOOD_TRAIN if train is None else train
     queries = GOOD_QUERIES if queries is None else queries
     if isinstance(train, Path) or isinstance(queries, Path):
@@ -101,6 +112,7 @@ def _cli(args, capsys):
 # -- data --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("storage")
 def test_c01_non_utf8_file(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_bytes(b'{"text": "caf\xe9 au lait, served hot"}\n')
@@ -116,43 +128,51 @@ def test_c02_utf8_bom_is_accepted(tmp_path):
     assert read_records(str(jsonl)) == [{"id": "j1", "group": "notepad", "text": "hi there you"}]
 
 
+@pytest.mark.usefixtures("storage")
 def test_c03_invalid_json_line(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"text": "fine line here"}\n{"text": "broken\n')
     _expect(tmp_path, DataError, r"train\.jsonl, line 2: not valid JSON", train=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c04_empty_file(tmp_path):
     empty = tmp_path / "queries.jsonl"
     empty.write_text("\n\n")
     _expect(tmp_path, DataError, r"queries\.jsonl: no records \(the file is empty\)", queries=empty)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c05_missing_text_field(tmp_path):
     bad = _jsonl(tmp_path / "train.jsonl", [{"id": "1", "body": "text under the wrong key"}])
     _expect(tmp_path, DataError, r"train\.jsonl, line 1, field 'text': record has no 'text' field .*fields present: body, id", train=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c06_empty_text(tmp_path):
     bad = _jsonl(tmp_path / "train.jsonl", [{"text": "ok text here"}, {"text": "   "}])
     _expect(tmp_path, DataError, r"train\.jsonl, line 2, field 'text': text is empty", train=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c07_non_string_text(tmp_path):
     bad = _jsonl(tmp_path / "train.jsonl", [{"text": 42}])
     _expect(tmp_path, DataError, r"field 'text': must be a string, got int", train=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c08_prompt_without_completion(tmp_path):
     bad = _jsonl(tmp_path / "queries.jsonl", [{"prompt": "Q: what is 2+2? A:"}])
     _expect(tmp_path, DataError, r"field 'completion': missing \(a prompt needs a completion", queries=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c09_empty_group_name(tmp_path):
     bad = _jsonl(tmp_path / "train.jsonl", [{"group": "", "text": "some text here"}])
     _expect(tmp_path, DataError, r"field 'group': group is empty", train=bad)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c10_duplicate_ids(tmp_path):
     bad = _jsonl(tmp_path / "train.jsonl", [{"id": "x", "text": "first text"}, {"id": "x", "text": "second text"}])
     _expect(tmp_path, DataError, r"training data, field 'id': duplicate id 'x' \(records 0 and 1\); ids must be unique", train=bad)
@@ -443,6 +463,7 @@ def test_c47_trainer_gradient_clipping_points_to_the_unlearning_option(tmp_path,
 # -- data: rows, duplicate locations, JSON arrays, synthetic CSVs ----------------------------------------
 
 
+@pytest.mark.usefixtures("storage")
 def test_c42_bad_datasets_row_names_the_row(tmp_path):
     import datasets
 
@@ -451,6 +472,7 @@ def test_c42_bad_datasets_row_names_the_row(tmp_path):
     _expect(tmp_path, DataError, r"saved, row 2, field 'text': text is empty", train=saved)
 
 
+@pytest.mark.usefixtures("storage")
 def test_c43_duplicate_ids_name_both_files_and_lines(tmp_path):
     from untrac_pl.data.records import check_unique_ids
 
@@ -466,6 +488,7 @@ def test_c43_duplicate_ids_name_both_files_and_lines(tmp_path):
         check_unique_ids(records, "training data")
 
 
+@pytest.mark.usefixtures("storage")
 def test_c44_json_array_file_with_a_bad_item(tmp_path):
     bad = tmp_path / "train.json"
     bad.write_text(json.dumps([{"text": "fine text here"}, {"text": "more fine text"}, {"text": ""}], indent=2))

@@ -262,7 +262,7 @@ class RunBoard:
         self._curves: dict[str, list] = {}
         self._seen: set = set()  # (tag, step) of the events an interrupted run left (open)
         self._next = (0, 0)  # (position, run-level step) where the next target's curve starts
-        self._group_index = _members([r["group"] for r in plan.eval_corpus.records])
+        self._group_index = _members(plan.eval_corpus.group_column())
 
     # -- opening ---------------------------------------------------------------------------------------
     def open(self) -> "RunBoard":

@@ -41,6 +41,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from untrac_pl.distributed import dist_ready
@@ -61,9 +62,9 @@ def corpus_digest(corpus) -> str:
     digest = hashlib.sha256()
     for record, example in zip(corpus.records, corpus.examples):
         digest.update(json.dumps([record["id"], record["group"]], ensure_ascii=False).encode())
-        digest.update(torch.tensor(example["input_ids"], dtype=torch.int64).numpy().tobytes())
+        digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
         digest.update(b"|")
-        digest.update(torch.tensor(example["labels"], dtype=torch.int64).numpy().tobytes())
+        digest.update(np.asarray(example["labels"], dtype=np.int64).tobytes())
         digest.update(b"\n")
     return digest.hexdigest()
 

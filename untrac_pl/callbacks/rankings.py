@@ -136,7 +136,7 @@ class RankingWriter(BasePredictionWriter):
         plan = self.plan
         target_ids = [t.id for t in plan.targets]
         target_groups = plan.target_groups
-        eval_ids, eval_groups = plan.eval_corpus.ids, [r["group"] for r in plan.eval_corpus.records]
+        eval_ids, eval_groups = plan.eval_corpus.ids, plan.eval_corpus.group_column()
         meta = dict(metadata, failed_targets=self.ordered_failed())
         if plan.targets_are_rows:
             return ScoreTable(self.matrix.clone(), target_ids, target_groups, eval_ids, eval_groups, plan.target_unit, "example", plan.method, meta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -25,6 +26,11 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch at once (the DataLoader's fetcher calls this): one Arrow read for a stored corpus."""
+        take = getattr(self.examples, "take", None)
+        return take(indices) if take is not None else [self.examples[i] for i in indices]
 
 
 class PadCollator:
@@ -56,8 +62,9 @@ class LengthSortedBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        lengths = np.asarray(lengths, dtype=np.int64)
+        order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by position
+        self.batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

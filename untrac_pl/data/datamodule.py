@@ -6,7 +6,7 @@ sampling and batching in one place and lets the engine ask for either side.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
@@ -17,6 +17,7 @@ from untrac_pl.data.collate import (
     LengthSortedBatchSampler,
     PadCollator,
 )
+from untrac_pl.data import store
 from untrac_pl.data.records import DataSource, check_unique_ids, read_records
 from untrac_pl.data.schedule import (
     AscentDataset,
@@ -24,6 +25,7 @@ from untrac_pl.data.schedule import (
     UnlearningSchedule,
     plan_micro_batches,
 )
+from untrac_pl.data.store import RecordRows
 from untrac_pl.data.tokenize import TokenizedCorpus, sample_per_group, tokenize_records
 from untrac_pl.errors import DataError
 from untrac_pl.losses import LossReduction
@@ -41,6 +43,12 @@ class AttributionDataModule(pl.LightningDataModule):
         samples_per_group: equal-size seeded sample of each training group (paper: 10,000).
         query_samples_per_group: the same for query subsets (paper: 256).
         eval_batch_size: batch size of loss evaluation (sorted by length to cut padding).
+        storage: ``memory`` (records and tokens as Python lists: small corpora) or ``arrow`` (memory-mapped
+            `datasets` files, read and tokenised once per corpus and tokenizer, then loaded from the cache:
+            large corpora; :mod:`untrac_pl.data.store`). Sources only; in-memory records stay in memory.
+        cache_dir: ``storage: arrow``: where the records and tokens are cached (default: the `datasets` cache,
+            ``HF_DATASETS_CACHE``).
+        num_proc: ``storage: arrow``: tokenizer processes of a first run (the cache makes later runs free).
     """
 
     def __init__(
@@ -53,6 +61,9 @@ class AttributionDataModule(pl.LightningDataModule):
         sample_seed: int = 0,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        storage: Literal["memory", "arrow"] = "memory",
+        cache_dir: Optional[str] = None,
+        num_proc: int = 1,
     ):
         super().__init__()
         self.train_sources = list(train or [])
@@ -63,6 +74,11 @@ class AttributionDataModule(pl.LightningDataModule):
         self.sample_seed = sample_seed
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        if storage not in ("memory", "arrow"):
+            raise DataError(f"must be 'memory' or 'arrow', got {storage!r}", field="data.storage")
+        if num_proc < 1:
+            raise DataError(f"must be >= 1, got {num_proc}", field="data.num_proc")
+        self.storage, self.cache_dir, self.num_proc = storage, cache_dir, int(num_proc)
         self.train_records: Optional[list[dict]] = None
         self.query_records: Optional[list[dict]] = None
         self.train_corpus: Optional[TokenizedCorpus] = None
@@ -82,36 +98,48 @@ class AttributionDataModule(pl.LightningDataModule):
     def load_records(self) -> None:
         """Read, validate and sample both sides (idempotent)."""
         if self.train_records is None:
-            self.train_records = self._read_side(self.train_sources, "data.train")
+            self.train_records = self._read_side(self.train_sources, "data.train", self.samples_per_group, "training data")
         if self.query_records is None:
-            self.query_records = self._read_side(self.query_sources, "data.queries")
-        # also for in-memory records (from_records): sampling is idempotent, so a second call changes nothing
-        self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
-        self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
-        check_unique_ids(self.train_records, "training data")
-        check_unique_ids(self.query_records, "queries")
+            self.query_records = self._read_side(self.query_sources, "data.queries", self.query_samples_per_group, "queries")
+        if not isinstance(self.train_records, RecordRows):  # in-memory records (from_records): sampling is idempotent
+            self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
+            check_unique_ids(self.train_records, "training data")
+        if not isinstance(self.query_records, RecordRows):
+            self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
+            check_unique_ids(self.query_records, "queries")
 
-    @staticmethod
-    def _read_side(sources: Sequence, what: str) -> list[dict]:
+    def _read_side(self, sources: Sequence, what: str, samples_per_group: Optional[int], name: str):
         if not sources:
             split = "train" if what == "data.train" else "queries"
             raise DataError(f"no data sources given (files, or the demo corpus: [{{format: generated, generator: quickstart, split: {split}}}])",
                             field=what)
+        if self.storage == "arrow":
+            dataset = store.sample_dataset_per_group(store.side_dataset(sources, self.cache_dir), samples_per_group, self.sample_seed)
+            store.check_unique_dataset_ids(dataset, name)
+            return RecordRows(dataset)
         records = []
         for source in sources:
             records.extend(read_records(source))
         return records
 
-    def all_texts(self) -> list[str]:
+    def all_texts(self) -> Sequence[str]:
+        """Both sides' texts (a tokenizer may be trained on them); read lazily from Arrow storage."""
         self.load_records()
+        if isinstance(self.train_records, RecordRows) or isinstance(self.query_records, RecordRows):
+            return store.StoredTexts(self.train_records, self.query_records)
         return [r.get("text") or r["prompt"] + r["completion"] for r in self.train_records + self.query_records]
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, tokenizer) -> None:
         self.load_records()
         self.collator = PadCollator(tokenizer.pad_token_id)
-        self.train_corpus = tokenize_records(self.train_records, tokenizer, self.max_length, "training data")
-        self.query_corpus = tokenize_records(self.query_records, tokenizer, self.max_length, "queries")
+        self.train_corpus = self._tokenize_side(self.train_records, tokenizer, "training data")
+        self.query_corpus = self._tokenize_side(self.query_records, tokenizer, "queries")
+
+    def _tokenize_side(self, records, tokenizer, name: str) -> TokenizedCorpus:
+        if isinstance(records, RecordRows):
+            return store.tokenize_dataset(records.dataset, tokenizer, self.max_length, name, self.num_proc, self.cache_dir)
+        return tokenize_records(records, tokenizer, self.max_length, name)
 
     def connect(self, tokenizer, max_length: Optional[int] = None) -> None:
         """Tokenise both sides with the model's tokenizer, at ``max_length`` (the run shell passes

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 from untrac_pl.data.generators import generate
 from untrac_pl.errors import DataError
@@ -319,22 +319,34 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": 
             "generated": _read_generated}
 
 
-def read_records(source: DataSource | dict | str) -> list[dict]:
-    """Read and validate all records of one source; raise :class:`DataError` on the first problem."""
+def as_source(source: DataSource | dict | str) -> DataSource:
+    """A :class:`DataSource` from a path, a dict of its fields or a source."""
     if isinstance(source, str):
-        source = DataSource(path=source)
-    elif isinstance(source, dict):
-        source = DataSource(**source)
+        return DataSource(path=source)
+    if isinstance(source, dict):
+        return DataSource(**source)
+    return source
+
+
+def iter_records(source: DataSource | dict | str) -> Iterator[Record]:
+    """The validated records of one source, one at a time; raise :class:`DataError` on the first problem
+    (also when the source has none)."""
+    source = as_source(source)
     fmt = _infer_format(source)
-    records = []
+    count = 0
     for position, (raw, line) in enumerate(_READERS[fmt](source)):
-        if source.limit is not None and len(records) >= source.limit:
+        if source.limit is not None and count >= source.limit:
             break
-        records.append(_make_record(raw, source, position, line))
-    if not records:
+        count += 1
+        yield _make_record(raw, source, position, line)
+    if not count:
         empty = "the generator made none: check its options" if fmt == "generated" else "the file is empty"
         raise DataError(f"no records ({empty})", source=source.label)
-    return records
+
+
+def read_records(source: DataSource | dict | str) -> list[dict]:
+    """Read and validate all records of one source; raise :class:`DataError` on the first problem."""
+    return list(iter_records(source))
 
 
 def records_from_list(items: Iterable[Any], name: str = "<list>", group: Optional[str] = None) -> list[dict]:

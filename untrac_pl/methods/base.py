@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.data.tokenize import TokenizedCorpus
@@ -48,17 +48,18 @@ class AttributionPlan:
         for position, target in enumerate(self.targets):
             target.position, target.total = position, len(self.targets)
 
-    def row_texts(self) -> Optional[list[str]]:
+    def row_texts(self) -> Optional[Sequence[str]]:
         corpus = self.target_corpus if self.targets_are_rows else self.eval_corpus
         if self.targets_are_rows and self.target_unit == "group":
             return None
         if self.targets_are_rows:
             return [corpus.text_of(t.indices[0]) for t in self.targets]
-        return [corpus.text_of(i) for i in range(len(corpus))]
+        return corpus.texts()
 
-    def col_texts(self) -> Optional[list[str]]:
+    def col_texts(self) -> Optional[Sequence[str]]:
+        """The scored corpus's texts, read when indexed (the rankings read only the top-k of each row)."""
         if self.targets_are_rows:
-            return [self.eval_corpus.text_of(i) for i in range(len(self.eval_corpus))]
+            return self.eval_corpus.texts()
         return None
 
 

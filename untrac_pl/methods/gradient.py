@@ -242,8 +242,8 @@ class GradientMethod(AttributionMethod):
         with self._progress(opts, ctx.trainer_kwargs.get("enable_progress_bar", True)) as opts, eager_attention(module.net):
             out = self.compute(
                 module.net, train.examples, queries.examples,
-                train_groups=[r["group"] for r in train.records] if config.target_unit == "example" else None,
-                query_groups=[r["group"] for r in queries.records], **opts,
+                train_groups=train.group_column() if config.target_unit == "example" else None,
+                query_groups=queries.group_column(), **opts,
             )
         ctx.timings["baseline_s"] = time.perf_counter() - t0
         if config.target_unit == "group":

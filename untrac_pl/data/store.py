@@ -1,0 +1,337 @@
+"""Arrow storage for large corpora (``data.storage: arrow``): records and token ids in memory-mapped
+`datasets` files, tokenised once per corpus and tokenizer.
+
+    source ──(read + validate, Dataset.from_generator)──► records (id, group, text | prompt+completion, origin)
+           ──(sample_per_group, Dataset.select)────────► the side's records
+           ──(batched, multi-process Dataset.map)──────► tokens (input_ids, labels, length, truncated, problem)
+
+Both steps are cached by ``datasets`` in ``data.cache_dir`` (default: the ``datasets`` cache). The
+records' fingerprint is the source's settings plus its files' sizes and modification times; the
+tokens' fingerprint is the records' fingerprint plus the tokenizer's identity and ``max_length``. A
+second run over the same corpus and tokenizer therefore reads neither the files nor runs the tokenizer:
+it memory-maps what the first run wrote. The validation and errors are the in-memory path's (the same
+readers and encoder, :mod:`untrac_pl.data.records` and :func:`untrac_pl.data.tokenize.encode_batch`).
+
+A :class:`StoredCorpus` is a :class:`~untrac_pl.data.tokenize.TokenizedCorpus` whose ``records`` and
+``examples`` are lazy views: rows are read from the memory-mapped files when asked for, and a batch
+of positions is one Arrow ``take`` (:meth:`ArrowRows.take`, used by ``ExampleDataset.__getitems__``).
+Under DDP each rank's evaluation sampler only asks for its own batches, so a rank reads only its shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from untrac_pl.data.records import DataSource, Record, as_source, check_unique_ids, iter_records
+from untrac_pl.data.tokenize import TokenizedCorpus, check_max_length, encode_batch, no_target_error
+from untrac_pl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "1"  # bump when the stored columns or their meaning change: old caches are then not reused
+RECORD_COLUMNS = ("id", "group", "text", "prompt", "completion", "origin")
+PROBLEMS = (None, "completion", "short")  # the tokens' ``problem`` column holds an index into this
+CHUNK = 4096
+
+
+def _features(kind: str):
+    from datasets import Features, Sequence as ArrowSequence, Value
+
+    if kind == "records":
+        return Features({name: Value("string") for name in RECORD_COLUMNS})
+    return Features({"input_ids": ArrowSequence(Value("int32")), "labels": ArrowSequence(Value("int32")),
+                     "length": Value("int32"), "truncated": Value("bool"), "problem": Value("int8")})
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars or info lines (the run has its own progress display)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _file_stamp(source: DataSource) -> list:
+    """Sizes and modification times of the files behind ``source`` (a changed file means a new read)."""
+    if source.path is None:
+        return []
+    path = Path(source.path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = []
+    for file in files:
+        try:
+            info = file.stat()
+        except OSError:
+            continue  # the reader reports a missing file, naming it
+        stamp.append([str(file), info.st_size, info.st_mtime_ns])
+    return stamp
+
+
+def _generate_records(source: dict) -> Iterator[dict]:
+    for record in iter_records(DataSource(**source)):
+        row = {name: record.get(name) for name in RECORD_COLUMNS[:-1]}
+        row["origin"] = record.origin
+        yield row
+
+
+def source_dataset(source: DataSource | dict | str, cache_dir: Optional[str] = None):
+    """One source's validated records as a memory-mapped ``datasets.Dataset`` (read once, then cached)."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    source = as_source(source)
+    spec = asdict(source)
+    fingerprint = _digest("records", STORE_FORMAT, spec, _file_stamp(source))
+    try:
+        with _quiet_datasets():
+            return Dataset.from_generator(_generate_records, features=_features("records"), cache_dir=cache_dir,
+                                          gen_kwargs={"source": spec}, fingerprint=fingerprint)
+    except DatasetGenerationError as exc:  # the reader's own error, naming the file, line and field
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def side_dataset(sources: Sequence, cache_dir: Optional[str] = None):
+    """The records of all ``sources`` of one side, in order."""
+    from datasets import concatenate_datasets
+
+    parts = [source_dataset(s, cache_dir) for s in sources]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _column(dataset, name: str):
+    """A column of ``dataset`` as one pyarrow array, in the dataset's row order (after any ``select``)."""
+    import pyarrow as pa
+
+    column = dataset.select_columns([name]).with_format("arrow")[0:len(dataset)][name]
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def group_codes(dataset) -> tuple[list[str], np.ndarray]:
+    """Group names in first-appearance order and each row's index into them."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(_column(dataset, "group"))
+    names = encoded.dictionary.to_pylist()  # dictionary order is first appearance
+    return names, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def sample_dataset_per_group(dataset, samples_per_group: Optional[int], seed: int):
+    """:func:`untrac_pl.data.tokenize.sample_per_group` on a dataset: the same records in the same order."""
+    if samples_per_group is None:
+        return dataset
+    if samples_per_group < 1:
+        raise DataError(f"must be >= 1, got {samples_per_group}", field="samples_per_group")
+    names, codes = group_codes(dataset)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    kept, changed = [], False
+    for k, group in enumerate(names):
+        members = order[bounds[k]:bounds[k + 1]]
+        if len(members) > samples_per_group:
+            rng = random.Random(f"{seed}:{group}")
+            members = members[sorted(rng.sample(range(len(members)), samples_per_group))]
+            changed = True
+        kept.append(members)
+    positions = np.concatenate(kept)
+    if not changed and np.array_equal(positions, np.arange(len(dataset))):
+        return dataset
+    return dataset.select(positions)
+
+
+def check_unique_dataset_ids(dataset, what: str) -> None:
+    """:func:`untrac_pl.data.records.check_unique_ids` on a dataset (the same error, found by Arrow)."""
+    import pyarrow.compute as pc
+
+    ids = _column(dataset, "id")
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    origins = _column(dataset, "origin").to_pylist()
+    records = []
+    for rec_id, origin in zip(ids.to_pylist(), origins):
+        record = Record(id=rec_id)
+        record.origin = origin
+        records.append(record)
+    check_unique_ids(records, what)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """What decides a tokenizer's output: its class, its fast backend's full definition (vocabulary,
+    merges, normaliser, post-processor) and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:  # a slow tokenizer: datasets' own hash of the object
+        from datasets.fingerprint import Hasher
+
+        definition = Hasher.hash(tokenizer)
+    flags = {name: getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token", "padding_side")}
+    return _digest(type(tokenizer).__name__, definition, tokenizer.special_tokens_map, flags)
+
+
+def _encode_rows(batch: dict, tokenizer, max_length: int) -> dict:
+    texts = [t if t is not None else p for t, p in zip(batch["text"], batch["prompt"])]
+    ids, labels, cut, problems = encode_batch(texts, batch["completion"], tokenizer, max_length)
+    return {"input_ids": ids, "labels": labels, "length": [len(i) for i in ids], "truncated": cut,
+            "problem": [PROBLEMS.index(p) for p in problems]}
+
+
+def tokenize_dataset(records, tokenizer, max_length: int, name: str, num_proc: int = 1,
+                     cache_dir: Optional[str] = None) -> "StoredCorpus":
+    """Tokenise a records dataset with a batched ``.map`` cached under the records' fingerprint + the
+    tokenizer's identity + ``max_length``; the errors of :func:`untrac_pl.data.tokenize.tokenize_records`."""
+    check_max_length(max_length)
+    fingerprint = _digest("tokens", STORE_FORMAT, records._fingerprint, tokenizer_identity(tokenizer), int(max_length))
+    lock_dir = Path(cache_dir) if cache_dir else Path(records.cache_files[0]["filename"]).parent if records.cache_files else None
+    lock = contextlib.nullcontext()
+    if lock_dir is not None:  # DDP ranks on one machine: the first tokenises, the others then load its files
+        from filelock import FileLock
+
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_dir / f"untrac_pl-tokens-{fingerprint}.lock"))
+    with lock, _quiet_datasets():
+        tokens = records.map(_encode_rows, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                             remove_columns=records.column_names, features=_features("tokens"), new_fingerprint=fingerprint,
+                             fn_kwargs={"tokenizer": tokenizer, "max_length": int(max_length)})
+    problems = _column(tokens, "problem").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(problems)
+    if len(bad):
+        first = int(bad[0])
+        raise no_target_error(records[first]["id"], PROBLEMS[int(problems[first])], name)
+    truncated = int(np.count_nonzero(_column(tokens, "truncated").to_numpy(zero_copy_only=False)))
+    if truncated:
+        log.warning("%s: %d of %d sequences were truncated to max_length=%d", name, truncated, len(records), max_length)
+    return StoredCorpus(name=name, records=RecordRows(records), examples=ExampleRows(tokens), num_truncated=truncated)
+
+
+class ArrowRows(Sequence):
+    """A lazy, read-only sequence of rows of a ``datasets.Dataset``; ``take`` reads many rows at once."""
+
+    columns: tuple = ()
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._view = dataset.select_columns(list(self.columns))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _rows(self, columns: dict, positions: Sequence[int]) -> list:
+        raise NotImplementedError
+
+    def take(self, positions: Sequence[int]) -> list:
+        positions = [int(p) for p in positions]
+        return self._rows(self._view[positions], positions) if positions else []
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self.take(range(*item.indices(len(self))))
+        position = int(item)
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(item)
+        return self.take([position])[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), CHUNK):
+            yield from self.take(range(start, min(start + CHUNK, len(self))))
+
+
+class RecordRows(ArrowRows):
+    """Records (``dict``s with an ``origin``, like the readers' :class:`Record`) read from a dataset."""
+
+    columns = RECORD_COLUMNS
+
+    def _rows(self, columns: dict, positions):
+        rows = []
+        for i in range(len(positions)):
+            record = Record((name, columns[name][i]) for name in RECORD_COLUMNS[:-1] if columns[name][i] is not None)
+            record.origin = columns["origin"][i]
+            rows.append(record)
+        return rows
+
+    def column(self, name: str) -> list:
+        return _column(self.dataset, name).to_pylist()
+
+
+class ExampleRows(ArrowRows):
+    """Tokenised examples ``{"input_ids", "labels", "index"}`` read from a dataset."""
+
+    columns = ("input_ids", "labels")
+
+    def _rows(self, columns: dict, positions):
+        return [{"input_ids": i, "labels": l, "index": p} for i, l, p in zip(columns["input_ids"], columns["labels"], positions)]
+
+    def lengths(self) -> np.ndarray:
+        return _column(self.dataset, "length").to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class StoredCorpus(TokenizedCorpus):
+    """A tokenised corpus whose records and examples stay in memory-mapped Arrow files."""
+
+    def __post_init__(self):
+        if not self.groups:
+            self.groups = group_codes(self.records.dataset)[0]
+
+    @property
+    def ids(self) -> list[str]:
+        return self.records.column("id")
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.examples.lengths()
+
+    def group_members(self) -> dict[str, list[int]]:
+        names, codes = group_codes(self.records.dataset)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        members = {name: order[bounds[k]:bounds[k + 1]].tolist() for k, name in enumerate(names)}
+        return {g: members[g] for g in self.groups}
+
+    def group_column(self) -> list[str]:
+        return self.records.column("group")
+
+
+class StoredTexts(Sequence):
+    """The texts of a side's records, read lazily (for tokenizer training, which may iterate them)."""
+
+    def __init__(self, *rows: RecordRows):
+        self.parts = rows
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.parts)
+
+    def __getitem__(self, item):
+        raise TypeError("StoredTexts is iterated, not indexed")
+
+    def __iter__(self):
+        for rows in self.parts:
+            for record in rows:
+                yield record["text"] if "text" in record else record["prompt"] + record["completion"]
