@@ -74,31 +74,79 @@ SCRIPT = textwrap.dedent(
             self.passes[-1].append(batch["index"].tolist())
 
 
-    def run(out, devices, k, write):
+    class RowsRead:
+        """The training-corpus rows this rank's evaluation loaders fetched (storage: arrow)."""
+
+        rows = set()
+
+        @classmethod
+        def install(cls):
+            from untrac_pl.data import collate, store
+
+            original = collate.ExampleDataset.__getitems__
+
+            def getitems(self, indices):
+                if isinstance(self.examples, store.ExampleRows) and len(self.examples) == 37:
+                    cls.rows.update(indices)
+                return original(self, indices)
+
+            collate.ExampleDataset.__getitems__ = getitems
+
+
+    def write_files(out):
+        """The same records as JSONL files, for the storage: arrow run (written once, by the launching process)."""
+        qs = quickstart_corpus(seed=0)
+        for name, records in (("train", qs["train"][:37]), ("queries", qs["queries"][:3])):
+            path = os.path.join(out, f"{name}.jsonl")
+            if not os.path.exists(path):
+                with open(path + ".tmp", "w") as handle:
+                    handle.writelines(json.dumps(dict(r)) + "\\n" for r in records)
+                os.replace(path + ".tmp", path)
+
+
+    def run(out, devices, k, write, storage="memory"):
         qs = quickstart_corpus(seed=0)
         module = UnTracModule(ModelSpec(config=CONFIG, train_tokenizer_vocab=300), OptimizerSpec(lr=1e-3),
                               UnlearningSchedule(num_steps=2, num_epochs=None, batch_size=None))
         # 37 evaluation examples in batches of 8: 5 batches, an uneven split over 3 ranks (2, 2, 1)
         dm = AttributionDataModule.from_records(qs["train"][:37], qs["queries"][:3], max_length=32, eval_batch_size=8)
+        if storage == "arrow":  # memory-mapped files read by every rank through one shared cache
+            from untrac_pl.data.records import DataSource
+
+            dm = AttributionDataModule(train=[DataSource(path=os.path.join(out, "train.jsonl"))],
+                                       queries=[DataSource(path=os.path.join(out, "queries.jsonl"))], max_length=32,
+                                       eval_batch_size=8, storage="arrow", cache_dir=os.path.join(out, "cache"))
+            RowsRead.rows = set()
         checks, scored = Checksums(), ScoredIndices()
         # use_distributed_sampler=True as the CLI passes it: the engine must still never shard the ascent
         trainer = {"accelerator": "cpu", "devices": devices, "enable_progress_bar": False, "logger": False,
                    "callbacks": [checks, scored], "use_distributed_sampler": True}
         if devices > 1:
             trainer["strategy"] = "ddp"
-        config = AttributionConfig(output_dir=os.path.join(out, f"run-k{k}"), overwrite=True, targets_per_pass=k)
+        config = AttributionConfig(output_dir=os.path.join(out, f"run-k{k}" + ("-arrow" if storage == "arrow" else "")),
+                                   overwrite=True, targets_per_pass=k)
         result = run_attribution(module, dm, config, trainer, write=write)
         return {"rank": checks.rank, "sums": checks.sums, "scores": result.table.scores.tolist(), "scored": scored.passes,
-                "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None}
+                "row_ids": result.table.row_ids, "output_dir": str(result.output_dir) if result.output_dir else None,
+                "rows_read": sorted(RowsRead.rows)}
 
 
     if __name__ == "__main__":
         out, devices = sys.argv[1], int(sys.argv[2])
+        if os.environ.get("LOCAL_RANK") is None:
+            write_files(out)
+        RowsRead.install()
         reports = [run(out, devices, k, write=devices > 1) for k in (1, 2)]
+        reports.append(run(out, devices, 1, write=devices > 1, storage="arrow"))
         with open(os.path.join(out, f"rank{reports[0]['rank']}-of-{devices}.json"), "w") as handle:
             json.dump(reports, handle)
     '''
 )
+
+
+from untrac_pl.data.collate import ExampleDataset  # noqa: E402
+
+_GETITEMS = ExampleDataset.__getitems__
 
 
 def _load(path: Path) -> list[dict]:
@@ -123,7 +171,14 @@ def single_run(ddp_run):
     out, script = ddp_run
     namespace: dict = {"__name__": "ddp_reference"}
     exec(compile(script.read_text(), str(script), "exec"), namespace)
-    return [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
+    namespace["RowsRead"].install()
+    try:
+        runs = [namespace["run"](str(out), 1, k, write=False) for k in (1, 2)]
+        return runs + [namespace["run"](str(out), 1, 1, write=False, storage="arrow")]
+    finally:
+        from untrac_pl.data import collate
+
+        collate.ExampleDataset.__getitems__ = _GETITEMS
 
 
 def test_sharded_scores_merge_to_the_single_process_result(ddp_run, single_run):
@@ -145,7 +200,25 @@ def test_sharded_scores_merge_to_the_single_process_result(ddp_run, single_run):
     assert rank0[0]["output_dir"] and ranks[1][0]["output_dir"] is None and ranks[2][0]["output_dir"] is None
     summary = json.loads((Path(rank0[0]["output_dir"]) / "summary.json").read_text())
     assert summary["world_size"] == 3 and summary["completed"]
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("run-")) == ["run-k1", "run-k2"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("run-")) == ["run-k1", "run-k1-arrow", "run-k2"]
+
+
+def test_arrow_storage_ranks_read_only_their_shard_and_match_one_process(ddp_run, single_run):
+    """data.storage: arrow under 3 gloo ranks: the same scores, bit for bit, as one process with the in-memory
+    records; every rank's evaluation loaders fetched only the rows of its own batches from the mapped files."""
+    out, _ = ddp_run
+    ranks = [_load(out / f"rank{r}-of-3.json") for r in range(3)]
+    reference, arrow_single = single_run[0], single_run[2]
+    assert torch.equal(torch.tensor(arrow_single["scores"]), torch.tensor(reference["scores"]))
+    assert arrow_single["rows_read"] == list(range(37))
+    batches = reference["scored"][0]
+    for rank, report in enumerate(ranks):
+        arrow = report[2]
+        assert torch.equal(torch.tensor(arrow["scores"]), torch.tensor(reference["scores"])), rank
+        assert arrow["sums"] == reference["sums"]
+        assert arrow["rows_read"] == sorted({i for b in batches[rank::3] for i in b}), rank
+        assert reference["rows_read"] == []  # the in-memory runs read no Arrow rows
+    assert sum(len(r[2]["rows_read"]) for r in ranks) == 37
 
 
 def test_each_rank_scores_only_its_shard(ddp_run, single_run):

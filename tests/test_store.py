@@ -20,6 +20,7 @@ from untrac_pl.errors import DataError
 from untrac_pl.models import ModelSpec
 from untrac_pl.optim import OptimizerSpec
 from untrac_pl.resume import corpus_digest
+from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
 
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
@@ -157,3 +158,51 @@ def test_scores_are_identical_with_either_storage(files, tmp_path, method, unit)
     assert (memory.row_ids, memory.col_ids, memory.col_groups) == (arrow.row_ids, arrow.col_ids, arrow.col_groups)
     assert (tmp_path / "memory" / "rankings.json").read_bytes() == (tmp_path / "arrow" / "rankings.json").read_bytes()
     assert (tmp_path / "memory" / "scores.safetensors").read_bytes() == (tmp_path / "arrow" / "scores.safetensors").read_bytes()
+
+
+def test_large_corpus_config_runs_and_a_second_run_maps_the_cache(tmp_path, monkeypatch):
+    """configs/large_corpus.yaml through the CLI (a smaller corpus): storage arrow end to end; the second run
+    over the same cache tokenises nothing and writes the same scores."""
+    from untrac_pl.cli import main
+
+    calls = {"encode": 0}
+    encode = store.encode_batch
+
+    def counting(*args, **kwargs):
+        calls["encode"] += 1
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(store, "encode_batch", counting)
+    config = Path(__file__).resolve().parents[1] / "configs" / "large_corpus.yaml"
+    small = "{format: generated, generator: quickstart, split: %s, options: {n_per_group: 60}}"
+    outputs = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        args = ["attribute", "-c", str(config), f"--attribution.output_dir={out}", "--trainer.enable_progress_bar=false",
+                f"--data.train=[{small % 'train'}]", f"--data.queries=[{small % 'queries'}]", f"--data.cache_dir={tmp_path / 'cache'}",
+                "--data.num_proc=1", "--model.unlearning.num_steps=1"]
+        assert main(args) == 0
+        outputs.append(out)
+        if run == "first":
+            assert calls["encode"] >= 2
+            calls["encode"] = 0
+    assert calls["encode"] == 0
+    first, second = (ScoreTable.load(o / "scores.safetensors") for o in outputs)
+    assert torch.equal(first.scores, second.scores) and first.scores.shape[1] == 240
+    assert (outputs[0] / "rankings.json").read_bytes() == (outputs[1] / "rankings.json").read_bytes()
+
+
+def test_stored_corpus_reads_rows_lazily(files, tmp_path, tiny_tokenizer, monkeypatch):
+    """Indexing, slicing and iterating a stored corpus read rows from the mapped files (no list of all examples)."""
+    dm = _datamodule(files, "arrow", tmp_path / "c")
+    dm.tokenize(tiny_tokenizer)
+    examples = dm.train_corpus.examples
+    assert not isinstance(examples, list) and len(examples) == 241
+    assert examples[-1] == examples[240] and examples[3:5] == [examples[3], examples[4]]
+    with pytest.raises(IndexError):
+        examples[241]
+    reads = []
+    take = store.ExampleRows.take
+    monkeypatch.setattr(store.ExampleRows, "take", lambda self, positions: reads.append(list(positions)) or take(self, positions))
+    batch = next(iter(dm.evaluation_dataloader(dm.train_corpus)))
+    assert len(reads) == 1 and sorted(reads[0]) == sorted(batch["index"].tolist())  # one read per batch

@@ -109,23 +109,37 @@ def write_safetensors(path: str, tensors: dict, metadata: dict[str, str]) -> Non
     with the same scores would otherwise differ byte-wise.) Readable by ``safetensors.safe_open``.
     """
     header: dict = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}} if metadata else {}
-    blobs, offset = [], 0
+    ordered, offset = [], 0
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name].detach().cpu()
         if tensor.dtype not in _ST_DTYPES:
             raise TypeError(f"cannot write tensor '{name}' of dtype {tensor.dtype} to safetensors")
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        ordered.append(tensor)
+        offset += size
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
-        for data in blobs:
-            handle.write(data)
+        for tensor in ordered:  # in slices of rows: a memory-mapped score matrix is never copied whole
+            for part in _row_slices(tensor):
+                handle.write(part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         _sync(handle)
+
+
+def _row_slices(tensor: torch.Tensor, max_bytes: int = 1 << 24):
+    """``tensor`` as consecutive slices along its first dimension, each of at most ~``max_bytes``."""
+    if tensor.numel() == 0:
+        return
+    if tensor.dim() == 0:
+        yield tensor.reshape(1)
+        return
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    step = max(1, max_bytes // row_bytes)
+    for start in range(0, tensor.shape[0], step):
+        yield tensor[start:start + step]
 
 
 def save_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str]) -> Path:

@@ -18,25 +18,37 @@ from untrac_pl.io import save_safetensors_atomic
 FORMAT_VERSION = "1"
 
 
-def _group_means(matrix: torch.Tensor, groups: list[str], dim: int) -> tuple[torch.Tensor, list[str]]:
-    """Means over the members of each group along ``dim``, over the finite members only.
+class GroupIndex:
+    """Which group each member (row or column) belongs to: names in first-appearance order, and each
+    member's index into them (built once; a long column list is not walked again per row)."""
 
-    A failed target is a NaN row or column; it is left out of its own group's mean (NaN only if every
-    member failed) and never leaks into other groups (a plain ``onehot @ matrix`` would spread it,
-    since 0 x NaN = NaN). Which members were left out is reported by the rankings.
-    """
-    names = list(dict.fromkeys(groups))
-    index = torch.tensor([names.index(g) for g in groups])
-    onehot = torch.zeros(len(names), len(groups), dtype=matrix.dtype)
-    onehot[index, torch.arange(len(groups))] = 1.0
-    finite = torch.isfinite(matrix)
-    values = torch.where(finite, matrix, torch.zeros((), dtype=matrix.dtype))
-    counts = finite.to(matrix.dtype)
-    if dim == 0:
-        out = (onehot @ values) / (onehot @ counts)
-    else:
-        out = (values @ onehot.T) / (counts @ onehot.T)
-    return out, names  # 0 / 0 = NaN where a whole group failed
+    def __init__(self, groups: list[str]):
+        self.names = list(dict.fromkeys(groups))
+        position = {name: k for k, name in enumerate(self.names)}
+        self.index = torch.tensor([position[g] for g in groups], dtype=torch.long)
+
+    def means(self, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+        """Means over the members of each group along ``dim``, over the finite members only.
+
+        A failed target is a NaN row or column; it is left out of its own group's mean (NaN only if every
+        member failed) and never leaks into other groups (NaNs are zeroed before summing). Which members
+        were left out is reported by the rankings. Sums run in member order (``index_add_``), so a row's
+        (or column's) group means are the same bits whether computed alone or within the whole matrix:
+        :class:`~untrac_pl.callbacks.rankings.RankingWriter` accumulates them as rows arrive.
+        """
+        finite = torch.isfinite(matrix)
+        values = torch.where(finite, matrix, torch.zeros((), dtype=matrix.dtype))
+        shape = list(matrix.shape)
+        shape[dim] = len(self.names)
+        sums = torch.zeros(shape, dtype=matrix.dtype).index_add_(dim, self.index, values)
+        counts = torch.zeros(shape, dtype=matrix.dtype).index_add_(dim, self.index, finite.to(matrix.dtype))
+        return sums / counts  # 0 / 0 = NaN where a whole group failed
+
+
+def _group_means(matrix: torch.Tensor, groups: list[str], dim: int) -> tuple[torch.Tensor, list[str]]:
+    """:meth:`GroupIndex.means` and the group names."""
+    index = GroupIndex(groups)
+    return index.means(matrix, dim), index.names
 
 
 @dataclass
@@ -50,6 +62,8 @@ class ScoreTable:
     col_unit: str
     method: str
     metadata: dict = field(default_factory=dict)
+    # the group level when already known (accumulated while the rows were scored, or read from the file)
+    group: Optional["ScoreTable"] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         rows, cols = self.scores.shape
@@ -59,6 +73,8 @@ class ScoreTable:
     def group_level(self) -> "ScoreTable":
         """Mean over the examples of each row group and column group (exact for loss differences);
         failed (NaN) members are left out of their group's mean."""
+        if self.group is not None:
+            return self.group
         matrix = self.scores.double()
         if self.col_unit == "example":
             matrix, cols = _group_means(matrix, self.col_groups, dim=1)
@@ -98,8 +114,36 @@ class ScoreTable:
             "group_col_ids": json.dumps(group.col_ids),
             "metadata": json.dumps(self.metadata, default=str),
         }
-        tensors = {"scores": self.scores.float(), "group_scores": group.scores.float(), **(extra_tensors or {})}
+        tensors = {"scores": self.scores if self.scores.dtype == torch.float32 else self.scores.float(),
+                   "group_scores": group.scores.float(), **(extra_tensors or {})}
         return save_safetensors_atomic(path, tensors, meta)
+
+    @classmethod
+    def open(cls, path: Path) -> "ScoreTable":
+        """A score file with its matrix memory-mapped, not read: rows are read from disk when used (a
+        result too large for memory can be ranked row by row). The group level is read (it is small)."""
+        import numpy as np
+
+        meta, entry, data_start = _header(path)
+        if entry.get("dtype") != "F32":
+            raise ValueError(f"{path}: scores of dtype {entry.get('dtype')}; expected F32")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if len(shape) != 2 or end - begin != 4 * shape[0] * shape[1]:
+            raise ValueError(f"{path}: the scores' shape {shape} does not match their {end - begin} bytes")
+        if shape[0] * shape[1]:  # copy-on-write: writable in memory, the file is never changed
+            scores = torch.from_numpy(np.memmap(path, dtype="<f4", mode="c", offset=data_start + begin, shape=shape))
+        else:
+            scores = torch.zeros(shape)
+        table = cls._from_metadata(scores, meta, path)
+        if "group_row_ids" in meta:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                group_scores = handle.get_tensor("group_scores")
+            rows, cols = json.loads(meta["group_row_ids"]), json.loads(meta["group_col_ids"])
+            table.group = ScoreTable(group_scores, rows, rows, cols, cols, "group", "group", table.method, dict(table.metadata))
+        return table
 
     @classmethod
     def load(cls, path: Path) -> "ScoreTable":
@@ -111,6 +155,10 @@ class ScoreTable:
                 scores = handle.get_tensor("scores")
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise ValueError(f"{path}: not a readable score file ({exc})") from None
+        return cls._from_metadata(scores, meta, path)
+
+    @classmethod
+    def _from_metadata(cls, scores: torch.Tensor, meta: dict, path) -> "ScoreTable":
         missing = [k for k in ("method", "row_ids", "col_ids") if k not in meta]
         if missing:
             raise ValueError(f"{path}: score file metadata lacks {missing}")
@@ -125,3 +173,18 @@ class ScoreTable:
             method=meta["method"],
             metadata=json.loads(meta.get("metadata", "{}")),
         )
+
+
+def _header(path: Path) -> tuple[dict, dict, int]:
+    """A safetensors file's metadata, the ``scores`` entry and where the data starts (the format's
+    8-byte little-endian header length, then the JSON header)."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= 100_000_000:  # safetensors' own header limit
+                raise ValueError(f"header length {size}")
+            header = json.loads(handle.read(size))
+        entry = header["scores"]
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable score file ({type(exc).__name__}: {exc})") from None
+    return header.get("__metadata__") or {}, entry, 8 + size

@@ -1,12 +1,13 @@
 """RankingWriter: collects per-target scores from predict and writes rankings, scores and tables."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -20,10 +21,14 @@ from untrac_pl.outputs import (
     GROUP_HEATMAP,
     GROUP_SCORES_CSV,
     GROUP_SCORES_MD,
+    PROGRESS,
     RANKINGS,
     SCORES,
 )
-from untrac_pl.scores import ScoreTable
+from untrac_pl.scores import GroupIndex, ScoreTable, _group_means
+
+# score matrices of at least this many entries (64 MiB of float32) are memory-mapped files in the run folder
+MEMMAP_MIN_ENTRIES = 1 << 24
 
 UNLEARNING_SIGN = "positive = the training unit helped produce the query (unlearning it raises the query loss)"
 
@@ -42,6 +47,20 @@ def aligned_groups(group: ScoreTable) -> ScoreTable:
     rows = [group.row_ids[r] for r in order]
     return ScoreTable(group.scores[order], rows, [group.row_groups[r] for r in order], list(group.col_ids), list(group.col_groups),
                       group.row_unit, group.col_unit, group.method, dict(group.metadata))
+
+
+def top_columns(scores: torch.Tensor, k: int) -> list[int]:
+    """The columns of the ``k`` highest finite scores, highest first, ties by column (a stable sort's
+    order), found with ``topk`` and a sort of the candidates only: one pass over a long row."""
+    finite = torch.isfinite(scores)
+    count = min(int(k), int(finite.sum()))
+    if count <= 0:
+        return []
+    values = torch.where(finite, scores, torch.tensor(-math.inf, dtype=scores.dtype))
+    threshold = torch.topk(values, count).values[-1]
+    candidates = torch.nonzero(values >= threshold).flatten()  # every column tied at the threshold too
+    order = torch.argsort(-values[candidates].double(), stable=True)
+    return candidates[order][:count].tolist()
 
 
 class RankingWriter(BasePredictionWriter):
@@ -64,49 +83,74 @@ class RankingWriter(BasePredictionWriter):
         self.plan = None
         self.matrix: Optional[torch.Tensor] = None
         self.failed: dict[str, dict] = {}
-        self._buffer: dict[int, dict[int, float]] = {}  # slot in the pass -> {eval index: score}
+        self._pass_rows: Optional[torch.Tensor] = None  # this predict pass's rows (slot x eval index), NaN = not scored
         self._positions: dict[str, int] = {}
+        self._group_rows: dict[int, torch.Tensor] = {}  # target position -> its row's training-group means
+        self._matrix_file: Optional[Path] = None
+        self._eval_groups: Optional[GroupIndex] = None
 
     def begin(self, plan, output_dir: Path) -> None:
         self.plan = plan
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.matrix = torch.full((len(plan.targets), len(plan.eval_corpus)), float("nan"))
-        self.failed = {}
+        shape = (len(plan.targets), len(plan.eval_corpus))
+        self.failed, self._group_rows, self._pass_rows = {}, {}, None
         self._positions = {t.id: t.position for t in plan.targets}
+        self._matrix_file, self._eval_groups = None, None
+        if self.output_dir is not None and shape[0] * shape[1] >= MEMMAP_MIN_ENTRIES:
+            self.matrix = self._memory_mapped(shape)
+        else:
+            self.matrix = torch.full(shape, float("nan"))
+
+    def _memory_mapped(self, shape) -> torch.Tensor:
+        """A NaN-filled matrix backed by ``<run>/progress/score_matrix.npy``: rows go to disk as they are
+        scored and the final score file is written from it in slices (never a second copy in memory)."""
+        import numpy as np
+
+        path = self.output_dir / PROGRESS / "score_matrix.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=shape)
+        array[:] = np.nan
+        self._matrix_file = path
+        return torch.from_numpy(array)
 
     # -- collection ------------------------------------------------------------------------------
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if not pl_module.scored_targets() or "scores" not in prediction:
+        targets = pl_module.scored_targets()
+        if not targets or "scores" not in prediction or self.matrix is None:
             return
-        scores = prediction["scores"]
-        rows = scores.tolist() if scores.dim() == 2 else [scores.tolist()]
-        indices = prediction["index"].tolist()
-        for slot, row in enumerate(rows):
-            buffer = self._buffer.setdefault(slot, {})
-            for index, score in zip(indices, row):
-                buffer[index] = score
+        scores = prediction["scores"].detach().cpu()
+        scores = scores if scores.dim() == 2 else scores[None]
+        if self._pass_rows is None:
+            self._pass_rows = torch.full((len(targets), self.matrix.shape[1]), float("nan"))
+        self._pass_rows[:, prediction["index"].cpu()] = scores.to(self._pass_rows.dtype)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         targets = pl_module.scored_targets()
+        rows, self._pass_rows = self._pass_rows, None
         if not targets or self.matrix is None:
-            self._buffer = {}
             return
-        rows = torch.full((len(targets), self.matrix.shape[1]), float("nan"))
-        for slot, buffer in self._buffer.items():
-            for index, score in buffer.items():
-                rows[slot, index] = score
-        self._buffer = {}
+        if rows is None:
+            rows = torch.full((len(targets), self.matrix.shape[1]), float("nan"))
         rows = merge_across_ranks(rows)  # under DDP each rank scored a shard: merge by index
         for target, row in zip(targets, rows):
             if not torch.isfinite(row).all():
                 self.mark_failed(target.id, "non-finite or missing scores after unlearning", step=None)
                 continue
-            self.matrix[target.position] = row
+            self._put(target.position, row)
+
+    def _put(self, position: int, row: torch.Tensor) -> None:
+        """A target's row into the matrix, and (row targets) its training-group means: the group table
+        is accumulated as targets finish, not recomputed from the whole matrix at the end."""
+        self.matrix[position] = row
+        if self.plan is not None and self.plan.targets_are_rows:
+            if self._eval_groups is None:
+                self._eval_groups = GroupIndex(self.plan.eval_corpus.group_column())
+            self._group_rows[position] = self._eval_groups.means(self.matrix[position].double()[None], dim=1)[0]
 
     def mark_failed(self, target_id: str, reason: str, step: Optional[int]) -> None:
         """A failed target: recorded, and its row blanked (NaN)."""
         self.note_failed(target_id, {"reason": reason, "step": step})
-        self.matrix[self._positions[target_id]] = float("nan")
+        self._put(self._positions[target_id], torch.full((self.matrix.shape[1],), float("nan")))
 
     def note_failed(self, target_id: str, failure: dict) -> None:
         """Record a failure (``{"reason", "step"}``) without touching the scores (they stay as computed)."""
@@ -116,11 +160,13 @@ class RankingWriter(BasePredictionWriter):
         """Every target's row at once (methods that score all targets in one pass)."""
         if tuple(matrix.shape) != tuple(self.matrix.shape):
             raise ValueError(f"score matrix of shape {tuple(matrix.shape)}; the plan needs {tuple(self.matrix.shape)}")
-        self.matrix = matrix.detach().float().cpu().clone()
+        matrix = matrix.detach().float().cpu()
+        for position in range(matrix.shape[0]):
+            self._put(position, matrix[position])
 
     def set_row(self, target_id: str, row: torch.Tensor) -> None:
         """Put a finished target's score row in place (used when resuming a run)."""
-        self.matrix[self._positions[target_id]] = row.float()
+        self._put(self._positions[target_id], row.float())
 
     def row(self, target_id: str) -> torch.Tensor:
         return self.matrix[self._positions[target_id]]
@@ -139,21 +185,34 @@ class RankingWriter(BasePredictionWriter):
         eval_ids, eval_groups = plan.eval_corpus.ids, plan.eval_corpus.group_column()
         meta = dict(metadata, failed_targets=self.ordered_failed())
         if plan.targets_are_rows:
-            return ScoreTable(self.matrix.clone(), target_ids, target_groups, eval_ids, eval_groups, plan.target_unit, "example", plan.method, meta)
+            # a memory-mapped matrix is handed over as it is (the table is written from it in slices)
+            scores = self.matrix if self._matrix_file is not None else self.matrix.clone()
+            table = ScoreTable(scores, target_ids, target_groups, eval_ids, eval_groups, plan.target_unit, "example", plan.method, meta)
+            table.group = self._accumulated_group_level(table)
+            return table
         return ScoreTable(self.matrix.T.clone(), eval_ids, eval_groups, target_ids, target_groups, "example", plan.target_unit, plan.method, meta)
+
+    def _accumulated_group_level(self, table: ScoreTable) -> Optional[ScoreTable]:
+        """The group level from the per-target group means gathered while scoring (the same bits as
+        ``table.group_level()`` recomputed, without reading the matrix again)."""
+        if len(self._group_rows) != len(self.plan.targets):
+            return None  # a target without a row (cannot happen after a complete run): recompute
+        per_row = torch.stack([self._group_rows[p] for p in range(len(self.plan.targets))])
+        cols = list(dict.fromkeys(table.col_groups))
+        if table.row_unit in ("example", "query"):
+            per_row, rows = _group_means(per_row, table.row_groups, dim=0)
+        else:
+            rows = list(table.row_ids)
+        return ScoreTable(per_row.float(), rows, rows, cols, cols, "group", "group", table.method, dict(table.metadata))
 
     def _snippet(self, text: str) -> str:
         text = " ".join(text.split())
         return text if len(text) <= self.snippet_chars else text[: self.snippet_chars - 1] + "…"
 
-    def _rank(self, table: ScoreTable, row: int, texts: Optional[list[str]]) -> list[dict]:
+    def _rank(self, table: ScoreTable, row: int, texts: Optional[Sequence[str]]) -> list[dict]:
         scores = table.scores[row]
-        finite = torch.isfinite(scores)
-        if not finite.any():
-            return []
-        order = torch.argsort(torch.where(finite, scores, torch.tensor(-math.inf)), descending=True, stable=True)
         top = []
-        for rank, col in enumerate(order[: min(self.top_k, int(finite.sum()))].tolist(), start=1):
+        for rank, col in enumerate(top_columns(scores, self.top_k), start=1):
             entry = {"rank": rank, "id": table.col_ids[col], "group": table.col_groups[col], "score": float(scores[col])}
             if texts is not None:
                 entry["text"] = self._snippet(texts[col])
@@ -218,6 +277,10 @@ class RankingWriter(BasePredictionWriter):
     def write_outputs(self, metadata: dict, logger=None) -> ScoreTable:
         table = self.table(metadata)
         table.save(self.output_dir / SCORES)
+        if self._matrix_file is not None:  # the score file now holds it (the mapping stays valid for the table)
+            self._matrix_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._matrix_file.parent.rmdir()  # progress/ of a method without a resume state
         rankings = self.rankings(table)
         write_json_atomic(self.output_dir / RANKINGS, rankings)
         csv_text, md_text = self.group_tables(table)

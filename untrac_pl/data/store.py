@@ -125,12 +125,17 @@ def side_dataset(sources: Sequence, cache_dir: Optional[str] = None):
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _column(dataset, name: str):
-    """A column of ``dataset`` as one pyarrow array, in the dataset's row order (after any ``select``)."""
-    import pyarrow as pa
+def _flat(dataset):
+    """``dataset`` without an indices mapping (a ``select``), so its Arrow table is its rows in order."""
+    if getattr(dataset, "_indices", None) is not None:
+        with _quiet_datasets():
+            dataset = dataset.flatten_indices()  # cached like any other transform
+    return dataset
 
-    column = dataset.select_columns([name]).with_format("arrow")[0:len(dataset)][name]
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+def _column(dataset, name: str):
+    """A column of ``dataset`` as one pyarrow array, in the dataset's row order."""
+    return _flat(dataset).data.table.column(name).combine_chunks()
 
 
 def group_codes(dataset) -> tuple[list[str], np.ndarray]:
@@ -162,7 +167,7 @@ def sample_dataset_per_group(dataset, samples_per_group: Optional[int], seed: in
     positions = np.concatenate(kept)
     if not changed and np.array_equal(positions, np.arange(len(dataset))):
         return dataset
-    return dataset.select(positions)
+    return _flat(dataset.select(positions))
 
 
 def check_unique_dataset_ids(dataset, what: str) -> None:
@@ -236,8 +241,8 @@ class ArrowRows(Sequence):
     columns: tuple = ()
 
     def __init__(self, dataset):
-        self.dataset = dataset
-        self._view = dataset.select_columns(list(self.columns))
+        self.dataset = _flat(dataset)
+        self._table = self.dataset.data.table.select(list(self.columns))  # memory-mapped, nothing is read yet
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -247,7 +252,10 @@ class ArrowRows(Sequence):
 
     def take(self, positions: Sequence[int]) -> list:
         positions = [int(p) for p in positions]
-        return self._rows(self._view[positions], positions) if positions else []
+        if not positions:
+            return []
+        part = self._table.take(positions)  # one vectorised Arrow gather (Dataset.__getitem__ slices row by row)
+        return self._rows({name: part.column(name).to_pylist() for name in self.columns}, positions)
 
     def __getitem__(self, item):
         if isinstance(item, slice):
