@@ -65,6 +65,15 @@ def train_tokenizer(folder: Path, corpus: Path) -> None:
 # -- the child processes --------------------------------------------------------------------------------
 
 
+def current_rss_mb() -> float:
+    """Resident set size now (VmRSS: anonymous memory plus the mapped file pages touched so far)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+
 def child(args) -> None:
     setup(args.threads)
     import logging
@@ -84,14 +93,16 @@ def child(args) -> None:
                                num_proc=args.num_proc)
     spec = ModelSpec(config={"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64,
                              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, tokenizer=str(work / "tokenizer"))
-    result = {"storage": args.storage, "phase": args.phase}
+    result = {"storage": args.storage, "phase": args.phase, "rss_mb": {"start": current_rss_mb()}}
     t0 = time.perf_counter()
     dm.load_records()
     result["read_s"] = time.perf_counter() - t0
+    result["rss_mb"]["after_read"] = current_rss_mb()
     tokenizer = load_tokenizer(spec)
     t1 = time.perf_counter()
     dm.tokenize(tokenizer)
     result["tokenize_s"] = time.perf_counter() - t1
+    result["rss_mb"]["after_tokenize"] = current_rss_mb()
     result["documents"] = len(dm.train_corpus)
     result["tokens"] = int(sum(dm.train_corpus.lengths))
     if args.phase == "first":
@@ -107,6 +118,8 @@ def child(args) -> None:
         result["docs_per_s"] = passes * result["documents"] / scoring
         result["us_per_doc"] = 1e6 * scoring / (passes * result["documents"])
         result["score_file_mb"] = (work / f"out-{args.storage}" / "scores.safetensors").stat().st_size / 2**20
+        result["rss_mb"]["after_attribution"] = current_rss_mb()
+        result["engine_memory"] = run.memory  # the engine's own per-phase peaks (memory.json)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(result))
 
@@ -138,6 +151,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=2, help="tokenizer processes of the first run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--update-readme", action="store_true", help="write the table into benchmarks/README.md")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--work"), parser.add_argument("--corpus"), parser.add_argument("--storage")
     parser.add_argument("--phase"), parser.add_argument("--result")
@@ -170,7 +184,43 @@ def main() -> None:
         "queries": f"2 subsets x {PAIRS} prompt/completion pairs", "ascent": "2 steps of Adam 5e-5, batch 4, per subset",
         "eval_batch": args.batch, "num_proc": args.num_proc, "threads": args.threads,
         "documents": "5-14 random words from a 36-word vocabulary, 8 groups, one JSONL file"}, "rows": rows}
-    write_result("corpus_scale", result, args.out)
+    path = write_result("corpus_scale", result, args.out)
+    if args.update_readme:
+        update_readme(result, path)
+
+
+BEGIN, END = "<!-- corpus-scale:begin -->", "<!-- corpus-scale:end -->"
+
+
+def table(result: dict, path: Path) -> str:
+    """The README table of one result file."""
+    env = result["environment"]
+    lines = [f"Measured {env['date']} by `{result['command']}` ({env['cpu_count']} cores, {env['threads']} threads, torch {env['torch']}; "
+             f"`{path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}`). One run per cell: the figures are "
+             "single measurements, not medians (each 1 M-document run takes minutes).", "",
+             "| documents | storage | peak RSS (MB) | RSS after tokenising (MB) | scoring (docs/s) | µs per doc | read (s) | tokenise (s) | "
+             "2nd run: read / tokenise (s) | tokenise speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        first, second = row["arrow_first"], row["arrow_second"]
+        lines.append(f"| {row['documents']:,} | arrow | {first['peak_rss_mb']:.0f} | {first['rss_mb']['after_tokenize']:.0f} | "
+                     f"{first['docs_per_s']:,.0f} | {first['us_per_doc']:.0f} | {first['read_s']:.1f} | {first['tokenize_s']:.1f} | "
+                     f"{second['read_s']:.1f} / {second['tokenize_s']:.2f} | {row['tokenize_speedup']:.0f}× |")
+        if "memory_first" in row:
+            m = row["memory_first"]
+            lines.append(f"| {row['documents']:,} | memory | {m['peak_rss_mb']:.0f} | {m['rss_mb']['after_tokenize']:.0f} | {m['docs_per_s']:,.0f} | "
+                         f"{m['us_per_doc']:.0f} | {m['read_s']:.1f} | {m['tokenize_s']:.1f} | (no cache) | - |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(result: dict, path: Path) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} marker")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n" + table(result, path) + END + tail)
+    print(f"updated {readme}")
 
 
 if __name__ == "__main__":

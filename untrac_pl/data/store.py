@@ -242,7 +242,9 @@ class ArrowRows(Sequence):
 
     def __init__(self, dataset):
         self.dataset = _flat(dataset)
-        self._table = self.dataset.data.table.select(list(self.columns))  # memory-mapped, nothing is read yet
+        # the memory-mapped record batches (nothing is read yet) and the row each starts at
+        self._batches = [b for b in self.dataset.data.table.select(list(self.columns)).to_batches() if b.num_rows]
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -254,8 +256,24 @@ class ArrowRows(Sequence):
         positions = [int(p) for p in positions]
         if not positions:
             return []
-        part = self._table.take(positions)  # one vectorised Arrow gather (Dataset.__getitem__ slices row by row)
+        part = self._gather(np.asarray(positions, dtype=np.int64))
         return self._rows({name: part.column(name).to_pylist() for name in self.columns}, positions)
+
+    def _gather(self, positions: np.ndarray):
+        """The rows at ``positions`` as one small table, gathered batch by batch: a ``take`` on the whole
+        chunked table costs time in the number of chunks (~1,000 per million rows), per call."""
+        import pyarrow as pa
+
+        if positions.min() < 0 or positions.max() >= len(self):
+            raise IndexError(f"row {int(positions.max() if positions.max() >= len(self) else positions.min())} "
+                             f"outside 0..{len(self) - 1}")
+        chunk = np.searchsorted(self._starts, positions, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        splits = np.flatnonzero(np.diff(chunk[order])) + 1
+        parts = [self._batches[chunk[g[0]]].take(pa.array(positions[g] - self._starts[chunk[g[0]]])) for g in np.split(order, splits)]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return pa.Table.from_batches(parts).combine_chunks().take(pa.array(inverse))
 
     def __getitem__(self, item):
         if isinstance(item, slice):
@@ -290,9 +308,36 @@ class RecordRows(ArrowRows):
 
 
 class ExampleRows(ArrowRows):
-    """Tokenised examples ``{"input_ids", "labels", "index"}`` read from a dataset."""
+    """Tokenised examples ``{"input_ids", "labels", "index"}`` read from a dataset.
+
+    ``take`` slices each row straight out of the memory-mapped token buffers (numpy views of each record
+    batch's offsets and values, no copy): an evaluation batch of random rows costs one small slice per
+    row, not one Arrow gather per record batch it touches.
+    """
 
     columns = ("input_ids", "labels")
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        self._offsets = {name: [b.column(name).offsets.to_numpy() for b in self._batches] for name in self.columns}
+        self._values = {name: [b.column(name).values.to_numpy() for b in self._batches] for name in self.columns}
+        sizes = [b.num_rows for b in self._batches]
+        self._chunk = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        self._local = (np.arange(len(self), dtype=np.int64) - np.repeat(self._starts, sizes)).astype(np.int32)
+
+    def take(self, positions: Sequence[int]) -> list:
+        positions = [int(p) for p in positions]
+        if positions and (min(positions) < -len(self) or max(positions) >= len(self)):
+            raise IndexError(f"row outside 0..{len(self) - 1}")
+        rows = []
+        ids_offsets, ids_values = self._offsets["input_ids"], self._values["input_ids"]
+        lab_offsets, lab_values = self._offsets["labels"], self._values["labels"]
+        for p in positions:
+            c, i = self._chunk[p], self._local[p]
+            io, lo = ids_offsets[c], lab_offsets[c]
+            rows.append({"input_ids": ids_values[c][io[i]:io[i + 1]].tolist(), "labels": lab_values[c][lo[i]:lo[i + 1]].tolist(),
+                         "index": p if p >= 0 else p + len(self)})
+        return rows
 
     def _rows(self, columns: dict, positions):
         return [{"input_ids": i, "labels": l, "index": p} for i, l, p in zip(columns["input_ids"], columns["labels"], positions)]
@@ -324,7 +369,8 @@ class StoredCorpus(TokenizedCorpus):
         return {g: members[g] for g in self.groups}
 
     def group_column(self) -> list[str]:
-        return self.records.column("group")
+        names, codes = group_codes(self.records.dataset)
+        return [names[c] for c in codes.tolist()]  # one string object per group, not per row
 
 
 class StoredTexts(Sequence):
