@@ -186,7 +186,7 @@ def main() -> None:
         "documents": "5-14 random words from a 36-word vocabulary, 8 groups, one JSONL file"}, "rows": rows}
     path = write_result("corpus_scale", result, args.out)
     if args.update_readme:
-        update_readme(result, path)
+        update_readme(json.loads(path.read_text()), path)  # as written: with the command line
 
 
 BEGIN, END = "<!-- corpus-scale:begin -->", "<!-- corpus-scale:end -->"

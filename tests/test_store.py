@@ -206,3 +206,19 @@ def test_stored_corpus_reads_rows_lazily(files, tmp_path, tiny_tokenizer, monkey
     monkeypatch.setattr(store.ExampleRows, "take", lambda self, positions: reads.append(list(positions)) or take(self, positions))
     batch = next(iter(dm.evaluation_dataloader(dm.train_corpus)))
     assert len(reads) == 1 and sorted(reads[0]) == sorted(batch["index"].tolist())  # one read per batch
+
+
+def test_in_memory_records_with_arrow_storage(files, tmp_path, tiny_tokenizer):
+    """Lists (from_records, the Python API) feed the Arrow path too: an in-memory table, same corpus, no cache files."""
+    train, queries = (read_records(str(f)) for f in files)
+    memory = AttributionDataModule.from_records(train, queries, max_length=16, samples_per_group=40, sample_seed=1)
+    arrow = AttributionDataModule.from_records(train, queries, max_length=16, samples_per_group=40, sample_seed=1, storage="arrow")
+    for dm in (memory, arrow):
+        dm.tokenize(tiny_tokenizer)
+    assert isinstance(arrow.train_corpus, store.StoredCorpus)
+    assert list(arrow.train_corpus.examples) == memory.train_corpus.examples and arrow.train_corpus.ids == memory.train_corpus.ids
+    assert corpus_digest(arrow.query_corpus) == corpus_digest(memory.query_corpus)
+    assert arrow.train_corpus.records[0].origin == memory.train_corpus.records[0].origin
+    duplicate = train[:2] + [dict(train[0])]
+    with pytest.raises(DataError, match=r"duplicate id 'd0'"):
+        AttributionDataModule.from_records(duplicate, queries, storage="arrow").load_records()

@@ -45,7 +45,8 @@ class AttributionDataModule(pl.LightningDataModule):
         eval_batch_size: batch size of loss evaluation (sorted by length to cut padding).
         storage: ``memory`` (records and tokens as Python lists: small corpora) or ``arrow`` (memory-mapped
             `datasets` files, read and tokenised once per corpus and tokenizer, then loaded from the cache:
-            large corpora; :mod:`untrac_pl.data.store`). Sources only; in-memory records stay in memory.
+            large corpora; :mod:`untrac_pl.data.store`). In-memory records (``from_records``) become an
+            in-memory Arrow table (the same views; nothing to cache).
         cache_dir: ``storage: arrow``: where the records and tokens are cached (default: the `datasets` cache,
             ``HF_DATASETS_CACHE``).
         num_proc: ``storage: arrow``: tokenizer processes of a first run (the cache makes later runs free).
@@ -102,11 +103,15 @@ class AttributionDataModule(pl.LightningDataModule):
         if self.query_records is None:
             self.query_records = self._read_side(self.query_sources, "data.queries", self.query_samples_per_group, "queries")
         if not isinstance(self.train_records, RecordRows):  # in-memory records (from_records): sampling is idempotent
-            self.train_records = sample_per_group(self.train_records, self.samples_per_group, self.sample_seed)
-            check_unique_ids(self.train_records, "training data")
+            self.train_records = self._sample_list(self.train_records, self.samples_per_group, "training data")
         if not isinstance(self.query_records, RecordRows):
-            self.query_records = sample_per_group(self.query_records, self.query_samples_per_group, self.sample_seed)
-            check_unique_ids(self.query_records, "queries")
+            self.query_records = self._sample_list(self.query_records, self.query_samples_per_group, "queries")
+
+    def _sample_list(self, records: list, samples_per_group: Optional[int], name: str):
+        records = sample_per_group(records, samples_per_group, self.sample_seed)
+        check_unique_ids(records, name)
+        # storage: arrow also for lists: converted to an in-memory Arrow table (no file, so nothing is cached)
+        return RecordRows(store.records_dataset(records)) if self.storage == "arrow" else records
 
     def _read_side(self, sources: Sequence, what: str, samples_per_group: Optional[int], name: str):
         if not sources:

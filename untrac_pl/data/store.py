@@ -117,6 +117,16 @@ def source_dataset(source: DataSource | dict | str, cache_dir: Optional[str] = N
         raise
 
 
+def records_dataset(records: Sequence[dict]):
+    """In-memory records (:func:`untrac_pl.data.records.records_from_list`, the Python API's lists) as an
+    in-memory Arrow dataset: the same storage and views as a source's, without a cache (there is no file)."""
+    from datasets import Dataset
+
+    columns = {name: [r.get(name) for r in records] for name in RECORD_COLUMNS[:-1]}
+    columns["origin"] = [getattr(r, "origin", None) for r in records]
+    return Dataset.from_dict(columns, features=_features("records"))
+
+
 def side_dataset(sources: Sequence, cache_dir: Optional[str] = None):
     """The records of all ``sources`` of one side, in order."""
     from datasets import concatenate_datasets
