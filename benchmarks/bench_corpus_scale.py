@@ -65,13 +65,15 @@ def train_tokenizer(folder: Path, corpus: Path) -> None:
 # -- the child processes --------------------------------------------------------------------------------
 
 
-def current_rss_mb() -> float:
-    """Resident set size now (VmRSS: anonymous memory plus the mapped file pages touched so far)."""
+def current_rss_mb() -> dict:
+    """Resident memory now, from /proc/self/status: VmRSS = RssAnon (the process's own memory) + RssFile
+    (pages of mapped files it touched: libraries, the memory-mapped corpus; reclaimable) + RssShmem."""
+    fields = {}
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
+        name = line.split(":")[0]
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(line.split()[1]) / 1024
+    return {"total": fields.get("VmRSS"), "anon": fields.get("RssAnon"), "file": fields.get("RssFile")}
 
 
 def child(args) -> None:
@@ -198,18 +200,24 @@ def table(result: dict, path: Path) -> str:
     lines = [f"Measured {env['date']} by `{result['command']}` ({env['cpu_count']} cores, {env['threads']} threads, torch {env['torch']}; "
              f"`{path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}`). One run per cell: the figures are "
              "single measurements, not medians (each 1 M-document run takes minutes).", "",
-             "| documents | storage | peak RSS (MB) | RSS after tokenising (MB) | scoring (docs/s) | µs per doc | read (s) | tokenise (s) | "
-             "2nd run: read / tokenise (s) | tokenise speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| documents | storage | peak RSS (MB) | RSS at the end: anon + file (MB) | RSS after tokenising: anon + file (MB) | "
+             "scoring (docs/s) | µs per doc | read (s) | tokenise (s) | 2nd run: read / tokenise (s) | tokenise speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         first, second = row["arrow_first"], row["arrow_second"]
-        lines.append(f"| {row['documents']:,} | arrow | {first['peak_rss_mb']:.0f} | {first['rss_mb']['after_tokenize']:.0f} | "
+        lines.append(f"| {row['documents']:,} | arrow | {first['peak_rss_mb']:.0f} | {_split(first, 'after_attribution')} | {_split(first, 'after_tokenize')} | "
                      f"{first['docs_per_s']:,.0f} | {first['us_per_doc']:.0f} | {first['read_s']:.1f} | {first['tokenize_s']:.1f} | "
                      f"{second['read_s']:.1f} / {second['tokenize_s']:.2f} | {row['tokenize_speedup']:.0f}× |")
         if "memory_first" in row:
             m = row["memory_first"]
-            lines.append(f"| {row['documents']:,} | memory | {m['peak_rss_mb']:.0f} | {m['rss_mb']['after_tokenize']:.0f} | {m['docs_per_s']:,.0f} | "
+            lines.append(f"| {row['documents']:,} | memory | {m['peak_rss_mb']:.0f} | {_split(m, 'after_attribution')} | {_split(m, 'after_tokenize')} | {m['docs_per_s']:,.0f} | "
                          f"{m['us_per_doc']:.0f} | {m['read_s']:.1f} | {m['tokenize_s']:.1f} | (no cache) | - |")
     return "\n".join(lines) + "\n"
+
+
+def _split(run: dict, phase: str) -> str:
+    rss = run["rss_mb"][phase]
+    return f"{rss['anon']:.0f} + {rss['file']:.0f}"
 
 
 def update_readme(result: dict, path: Path) -> None:

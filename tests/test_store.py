@@ -48,11 +48,15 @@ def files(tmp_path):
 def _datamodule(files, storage, cache, **kwargs):
     train, queries = files
     kwargs = {"max_length": 16, "eval_batch_size": 16, **kwargs}
-    return AttributionDataModule(train=[DataSource(path=str(train))], queries=[DataSource(path=str(queries))],
-                                 storage=storage, cache_dir=str(cache), **kwargs)
+    sources = [DataSource(path=str(train))]
+    notes = train.with_name("notes.txt")  # a plain-text source next to the JSONL (one record per paragraph)
+    if notes.exists():
+        sources.append(DataSource(path=str(notes), text_unit="paragraph", group="notes"))
+    return AttributionDataModule(train=sources, queries=[DataSource(path=str(queries))], storage=storage, cache_dir=str(cache), **kwargs)
 
 
 def test_arrow_corpus_equals_the_in_memory_one(files, tmp_path, tiny_tokenizer):
+    files[0].with_name("notes.txt").write_text("A cat sat by the river.\nIt slept.\n\nThe dog ran over the stone road.\n\n\nBirds sang.\n")
     memory = _datamodule(files, "memory", tmp_path / "c", samples_per_group=50, sample_seed=3)
     arrow = _datamodule(files, "arrow", tmp_path / "c", samples_per_group=50, sample_seed=3, num_proc=2)
     for dm in (memory, arrow):
@@ -68,6 +72,7 @@ def test_arrow_corpus_equals_the_in_memory_one(files, tmp_path, tiny_tokenizer):
         assert corpus_digest(a) == corpus_digest(m)  # so the resume fingerprint does not depend on the storage
         assert a.records[2].origin == m.records[2].origin and a.records[-1] == m.records[-1]
     assert 0 < arrow.train_corpus.num_truncated < len(arrow.train_corpus)
+    assert arrow.train_corpus.groups[-1] == "notes" and arrow.train_corpus.records[-1].origin.endswith("notes.txt, line 7")
     # batches: the loader fetches a whole batch with one Arrow read (ExampleDataset.__getitems__)
     for loader_m, loader_a in [(memory.evaluation_dataloader(memory.train_corpus), arrow.evaluation_dataloader(arrow.train_corpus)),
                                (memory.evaluation_dataloader(memory.query_corpus, "token_mean"), arrow.evaluation_dataloader(arrow.query_corpus, "token_mean"))]:

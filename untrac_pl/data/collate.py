@@ -63,14 +63,16 @@ class LengthSortedBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         lengths = np.asarray(lengths, dtype=np.int64)
-        order = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by position
-        self.batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        # longest first, ties by position; kept as one array (8 bytes a position), batches made when iterated
+        self.order = np.lexsort((np.arange(len(lengths)), -lengths))
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.order[start : start + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return -(-len(self.order) // self.batch_size)
 
 
 class GroupBatchSampler(Sampler[list[int]]):
