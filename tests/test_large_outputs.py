@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from untrac_pl.callbacks import rankings
-from untrac_pl.callbacks.rankings import top_columns
+from untrac_pl.scores import top_columns
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionConfig, run_attribution
@@ -155,3 +155,13 @@ def test_safetensors_are_written_in_slices(tmp_path, monkeypatch):
         assert handle.metadata() == {"k": "v"}
         for name, tensor in tensors.items():
             assert torch.equal(handle.get_tensor(name), tensor), name
+
+
+def test_a_header_over_the_safetensors_limit_is_refused(tmp_path, monkeypatch):
+    import untrac_pl.io as io
+
+    monkeypatch.setattr(io, "SAFETENSORS_MAX_HEADER", 2000)
+    table = ScoreTable(torch.zeros(1, 300), ["q"], ["q"], [f"doc-{i}" for i in range(300)], ["g"] * 300, "query", "example", "untrac_inv")
+    with pytest.raises(ValueError, match=r"safetensors header would be .* over the format's"):
+        table.save(tmp_path / "scores.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written

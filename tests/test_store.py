@@ -3,8 +3,7 @@ scores as the in-memory path; tokenisation cached by corpus + tokenizer + max_le
 from __future__ import annotations
 
 import json
-import os
-import time
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from untrac_pl.data import store
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.records import DataSource, read_records
 from untrac_pl.data.schedule import UnlearningSchedule
-from untrac_pl.data.tokenize import sample_per_group, tokenize_records
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.errors import DataError
 from untrac_pl.models import ModelSpec
@@ -118,7 +116,8 @@ def test_tokenizer_identity_tells_tokenizers_apart(tiny_tokenizer, quickstart):
     from untrac_pl.models import load_tokenizer
 
     same = store.tokenizer_identity(tiny_tokenizer)
-    tiny_tokenizer("a cat sat on the mat")  # using a tokenizer does not change its identity
+    tiny_tokenizer("a cat sat on the mat")  # using a tokenizer does not change its identity,
+    tiny_tokenizer(["a cat sat on the mat"], truncation=True, max_length=4, padding="max_length")  # nor its call-time state
     assert store.tokenizer_identity(tiny_tokenizer) == same
     texts = [r.get("text") or r["prompt"] + r["completion"] for r in quickstart["train"] + quickstart["queries"]]
     assert store.tokenizer_identity(load_tokenizer(ModelSpec(train_tokenizer_vocab=300), texts)) == same  # rebuilt alike
@@ -227,3 +226,42 @@ def test_in_memory_records_with_arrow_storage(files, tmp_path, tiny_tokenizer):
     duplicate = train[:2] + [dict(train[0])]
     with pytest.raises(DataError, match=r"duplicate id 'd0'"):
         AttributionDataModule.from_records(duplicate, queries, storage="arrow").load_records()
+
+
+def test_cache_hit_with_several_tokenizer_processes(files, tmp_path, tiny_tokenizer):
+    """num_proc: 2 (the large-corpus config's): the second run loads the shard files the first wrote."""
+    first = _datamodule(files, "arrow", tmp_path / "c", num_proc=2)
+    first.tokenize(tiny_tokenizer)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*.arrow")}
+    token_files = [f["filename"] for f in first.train_corpus.examples.dataset.cache_files]
+    assert len(token_files) == 2 and all("_of_00002" in name for name in token_files)  # one file per process
+    again = _datamodule(files, "arrow", tmp_path / "c", num_proc=2)
+    again.tokenize(tiny_tokenizer)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*.arrow")} == written  # nothing new, nothing rewritten
+    assert [f["filename"] for f in again.train_corpus.examples.dataset.cache_files] == token_files
+    assert list(again.train_corpus.examples) == list(first.train_corpus.examples)
+
+
+def test_both_sides_are_read_before_either_is_checked(tmp_path):
+    """The first error is the same with either storage: a broken query file before duplicate training ids."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"id": "x", "text": "first text"}) + "\n" + json.dumps({"id": "x", "text": "second text"}) + "\n")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"text": "fine query"}) + "\n{broken\n")
+    for storage in ("memory", "arrow"):
+        dm = AttributionDataModule(train=[DataSource(path=str(train))], queries=[DataSource(path=str(queries))], storage=storage,
+                                   cache_dir=str(tmp_path / "c"))
+        with pytest.raises(DataError, match=r"queries\.jsonl, line 2: not valid JSON"):
+            dm.load_records()
+
+
+def test_views_pickle_as_a_file_reference_and_index_like_lists(files, tmp_path, tiny_tokenizer):
+    dm = _datamodule(files, "arrow", tmp_path / "c")
+    dm.tokenize(tiny_tokenizer)
+    for view in (dm.train_corpus.examples, dm.train_corpus.records):
+        blob = pickle.dumps(view)
+        assert len(blob) < 20_000  # the rows stay in the files (a spawned DataLoader worker maps them itself)
+        clone = pickle.loads(blob)
+        assert clone.take([0, -1, 5]) == view.take([0, -1, 5]) and view.take([-1]) == [view[len(view) - 1]]
+        with pytest.raises(IndexError):
+            view.take([len(view)])

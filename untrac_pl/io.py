@@ -102,6 +102,9 @@ _ST_DTYPES = {
 }
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors readers' limit on the JSON header (ids live there: ~3 M examples)
+
+
 def write_safetensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
     """Write a safetensors file with a sorted header: identical inputs give identical bytes.
 
@@ -120,6 +123,10 @@ def write_safetensors(path: str, tensors: dict, metadata: dict[str, str]) -> Non
         offset += size
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > SAFETENSORS_MAX_HEADER:  # readers refuse such a file: never write one
+        raise ValueError(f"the safetensors header would be {len(encoded) / 1e6:.0f} MB (metadata: ids and groups of every row and "
+                         f"column), over the format's {SAFETENSORS_MAX_HEADER / 1e6:.0f} MB limit; score fewer examples per run "
+                         "(e.g. split the training corpus into several data sources and runs)")
     with open(path, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)

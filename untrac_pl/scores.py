@@ -7,6 +7,7 @@ positive = the training unit helped the model produce the query.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,20 @@ import torch
 from untrac_pl.io import save_safetensors_atomic
 
 FORMAT_VERSION = "1"
+
+
+def top_columns(scores: torch.Tensor, k: int) -> list[int]:
+    """The columns of the ``k`` highest finite scores, highest first, ties by column (a stable sort's
+    order), found with ``topk`` and a sort of the candidates only: one pass over a long row."""
+    finite = torch.isfinite(scores)
+    count = min(int(k), int(finite.sum()))
+    if count <= 0:
+        return []
+    values = torch.where(finite, scores, torch.tensor(-math.inf, dtype=scores.dtype))
+    threshold = torch.topk(values, count).values[-1]
+    candidates = torch.nonzero(values >= threshold).flatten()  # every column tied at the threshold too
+    order = torch.argsort(-values[candidates].double(), stable=True)
+    return candidates[order][:count].tolist()
 
 
 class GroupIndex:
@@ -62,7 +77,8 @@ class ScoreTable:
     col_unit: str
     method: str
     metadata: dict = field(default_factory=dict)
-    # the group level when already known (accumulated while the rows were scored, or read from the file)
+    # the group level when already known (accumulated while the rows were scored, or read from the file); a
+    # cache: changing ``scores`` afterwards does not update it (set ``group = None`` to recompute)
     group: Optional["ScoreTable"] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -90,13 +106,8 @@ class ScoreTable:
         """The ranking of each row: ``{row_id: [(col_id, score), ...]}``, the ``k`` highest finite scores,
         highest first (ties: the earlier column first); NaN (failed) entries are left out. On
         :meth:`group_level` it ranks training groups per query group."""
-        out = {}
-        for r, row_id in enumerate(self.row_ids):
-            values = self.scores[r].double()
-            finite = torch.isfinite(values)
-            order = torch.argsort(torch.where(finite, -values, torch.full_like(values, float("inf"))), stable=True)
-            out[row_id] = [(self.col_ids[c], float(values[c])) for c in order.tolist() if finite[c]][: max(0, int(k))]
-        return out
+        return {row_id: [(self.col_ids[c], float(self.scores[r, c])) for c in top_columns(self.scores[r], k)]
+                for r, row_id in enumerate(self.row_ids)}
 
     def save(self, path: Path, extra_tensors: Optional[dict] = None) -> Path:
         group = self.group_level()
@@ -185,6 +196,9 @@ def _header(path: Path) -> tuple[dict, dict, int]:
                 raise ValueError(f"header length {size}")
             header = json.loads(handle.read(size))
         entry = header["scores"]
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        end = 8 + size + int(entry["data_offsets"][1])
+        if end > Path(path).stat().st_size:
+            raise ValueError(f"the scores end at byte {end}, the file has {Path(path).stat().st_size}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not a readable score file ({type(exc).__name__}: {exc})") from None
     return header.get("__metadata__") or {}, entry, 8 + size

@@ -25,7 +25,7 @@ from untrac_pl.outputs import (
     RANKINGS,
     SCORES,
 )
-from untrac_pl.scores import GroupIndex, ScoreTable, _group_means
+from untrac_pl.scores import GroupIndex, ScoreTable, top_columns
 
 # score matrices of at least this many entries (64 MiB of float32) are memory-mapped files in the run folder
 MEMMAP_MIN_ENTRIES = 1 << 24
@@ -47,20 +47,6 @@ def aligned_groups(group: ScoreTable) -> ScoreTable:
     rows = [group.row_ids[r] for r in order]
     return ScoreTable(group.scores[order], rows, [group.row_groups[r] for r in order], list(group.col_ids), list(group.col_groups),
                       group.row_unit, group.col_unit, group.method, dict(group.metadata))
-
-
-def top_columns(scores: torch.Tensor, k: int) -> list[int]:
-    """The columns of the ``k`` highest finite scores, highest first, ties by column (a stable sort's
-    order), found with ``topk`` and a sort of the candidates only: one pass over a long row."""
-    finite = torch.isfinite(scores)
-    count = min(int(k), int(finite.sum()))
-    if count <= 0:
-        return []
-    values = torch.where(finite, scores, torch.tensor(-math.inf, dtype=scores.dtype))
-    threshold = torch.topk(values, count).values[-1]
-    candidates = torch.nonzero(values >= threshold).flatten()  # every column tied at the threshold too
-    order = torch.argsort(-values[candidates].double(), stable=True)
-    return candidates[order][:count].tolist()
 
 
 class RankingWriter(BasePredictionWriter):
@@ -88,6 +74,7 @@ class RankingWriter(BasePredictionWriter):
         self._group_rows: dict[int, torch.Tensor] = {}  # target position -> its row's training-group means
         self._matrix_file: Optional[Path] = None
         self._eval_groups: Optional[GroupIndex] = None
+        self._theta0: Optional[torch.Tensor] = None  # the θ0 pass's losses, until taken
 
     def begin(self, plan, output_dir: Path) -> None:
         self.plan = plan
@@ -95,7 +82,7 @@ class RankingWriter(BasePredictionWriter):
         shape = (len(plan.targets), len(plan.eval_corpus))
         self.failed, self._group_rows, self._pass_rows = {}, {}, None
         self._positions = {t.id: t.position for t in plan.targets}
-        self._matrix_file, self._eval_groups = None, None
+        self._matrix_file, self._eval_groups, self._theta0 = None, None, None
         if self.output_dir is not None and shape[0] * shape[1] >= MEMMAP_MIN_ENTRIES:
             self.matrix = self._memory_mapped(shape)
         else:
@@ -116,7 +103,15 @@ class RankingWriter(BasePredictionWriter):
     # -- collection ------------------------------------------------------------------------------
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         targets = pl_module.scored_targets()
-        if not targets or "scores" not in prediction or self.matrix is None:
+        if self.matrix is None:
+            return
+        if not targets:  # the θ0 pass: its losses, by evaluation index
+            if "losses" in prediction:
+                if self._theta0 is None:
+                    self._theta0 = torch.full((self.matrix.shape[1],), float("nan"))
+                self._theta0[prediction["index"].cpu()] = prediction["losses"].detach().cpu().float()
+            return
+        if "scores" not in prediction:
             return
         scores = prediction["scores"].detach().cpu()
         scores = scores if scores.dim() == 2 else scores[None]
@@ -138,9 +133,17 @@ class RankingWriter(BasePredictionWriter):
                 continue
             self._put(target.position, row)
 
+    def take_theta0(self) -> torch.Tensor:
+        """The losses of the pass without a target (θ0), NaN where this rank scored nothing; then forgotten."""
+        losses = self._theta0 if self._theta0 is not None else torch.full((self.matrix.shape[1],), float("nan"))
+        self._theta0 = None
+        return losses
+
     def _put(self, position: int, row: torch.Tensor) -> None:
-        """A target's row into the matrix, and (row targets) its training-group means: the group table
-        is accumulated as targets finish, not recomputed from the whole matrix at the end."""
+        """A target's row into the matrix, and (row targets: UnTrac-Inv, the gradient methods) its
+        training-group means: the group table is accumulated as targets finish, not recomputed from the
+        whole matrix at the end. (UnTrac's targets are columns of a small queries x groups matrix: its
+        group table is computed at the end.)"""
         self.matrix[position] = row
         if self.plan is not None and self.plan.targets_are_rows:
             if self._eval_groups is None:
@@ -200,7 +203,8 @@ class RankingWriter(BasePredictionWriter):
         per_row = torch.stack([self._group_rows[p] for p in range(len(self.plan.targets))])
         cols = list(dict.fromkeys(table.col_groups))
         if table.row_unit in ("example", "query"):
-            per_row, rows = _group_means(per_row, table.row_groups, dim=0)
+            index = GroupIndex(table.row_groups)
+            per_row, rows = index.means(per_row, dim=0), index.names
         else:
             rows = list(table.row_ids)
         return ScoreTable(per_row.float(), rows, rows, cols, cols, "group", "group", table.method, dict(table.metadata))

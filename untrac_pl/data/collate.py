@@ -28,7 +28,7 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A whole batch at once (the DataLoader's fetcher calls this): one Arrow read for a stored corpus."""
+        """A whole batch at once (the DataLoader's fetcher calls this): a stored corpus slices it out of its mapped files."""
         take = getattr(self.examples, "take", None)
         return take(indices) if take is not None else [self.examples[i] for i in indices]
 

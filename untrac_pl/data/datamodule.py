@@ -97,34 +97,40 @@ class AttributionDataModule(pl.LightningDataModule):
 
     # -- records -------------------------------------------------------------------------------
     def load_records(self) -> None:
-        """Read, validate and sample both sides (idempotent)."""
+        """Read, validate and sample both sides (idempotent): both sides are read before either is sampled
+        or checked for duplicate ids, so the first error reported is the same with either storage."""
         if self.train_records is None:
-            self.train_records = self._read_side(self.train_sources, "data.train", self.samples_per_group, "training data")
+            self.train_records = self._read_side(self.train_sources, "data.train")
         if self.query_records is None:
-            self.query_records = self._read_side(self.query_sources, "data.queries", self.query_samples_per_group, "queries")
-        if not isinstance(self.train_records, RecordRows):  # in-memory records (from_records): sampling is idempotent
-            self.train_records = self._sample_list(self.train_records, self.samples_per_group, "training data")
-        if not isinstance(self.query_records, RecordRows):
-            self.query_records = self._sample_list(self.query_records, self.query_samples_per_group, "queries")
+            self.query_records = self._read_side(self.query_sources, "data.queries")
+        # also for in-memory records (from_records): sampling is idempotent, so a second call changes nothing
+        self.train_records = self._sample(self.train_records, self.samples_per_group, "training data")
+        self.query_records = self._sample(self.query_records, self.query_samples_per_group, "queries")
 
-    def _sample_list(self, records: list, samples_per_group: Optional[int], name: str):
-        records = sample_per_group(records, samples_per_group, self.sample_seed)
-        check_unique_ids(records, name)
-        # storage: arrow also for lists: converted to an in-memory Arrow table (no file, so nothing is cached)
-        return RecordRows(store.records_dataset(records)) if self.storage == "arrow" else records
-
-    def _read_side(self, sources: Sequence, what: str, samples_per_group: Optional[int], name: str):
+    def _read_side(self, sources: Sequence, what: str):
         if not sources:
             split = "train" if what == "data.train" else "queries"
             raise DataError(f"no data sources given (files, or the demo corpus: [{{format: generated, generator: quickstart, split: {split}}}])",
                             field=what)
         if self.storage == "arrow":
-            dataset = store.sample_dataset_per_group(store.side_dataset(sources, self.cache_dir), samples_per_group, self.sample_seed)
-            store.check_unique_dataset_ids(dataset, name)
-            return RecordRows(dataset)
+            return store.side_dataset(sources, self.cache_dir)
         records = []
         for source in sources:
             records.extend(read_records(source))
+        return records
+
+    def _sample(self, records, samples_per_group: Optional[int], name: str):
+        """The seeded per-group sample, checked for duplicate ids; Arrow storage gives :class:`RecordRows`
+        (lists too: an in-memory Arrow table, nothing to cache)."""
+        if isinstance(records, RecordRows):
+            return records  # sampled and checked when read
+        if self.storage == "arrow":
+            dataset = records if not isinstance(records, list) else store.records_dataset(records)
+            dataset = store.sample_dataset_per_group(dataset, samples_per_group, self.sample_seed)
+            store.check_unique_dataset_ids(dataset, name)
+            return RecordRows(dataset)
+        records = sample_per_group(records, samples_per_group, self.sample_seed)
+        check_unique_ids(records, name)
         return records
 
     def all_texts(self) -> Sequence[str]:

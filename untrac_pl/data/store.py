@@ -13,17 +13,20 @@ it memory-maps what the first run wrote. The validation and errors are the in-me
 readers and encoder, :mod:`untrac_pl.data.records` and :func:`untrac_pl.data.tokenize.encode_batch`).
 
 A :class:`StoredCorpus` is a :class:`~untrac_pl.data.tokenize.TokenizedCorpus` whose ``records`` and
-``examples`` are lazy views: rows are read from the memory-mapped files when asked for, and a batch
-of positions is one Arrow ``take`` (:meth:`ArrowRows.take`, used by ``ExampleDataset.__getitems__``).
+``examples`` are lazy views: rows are read from the memory-mapped files when asked for, a batch of
+positions at once (:meth:`ArrowRows.take`, used by ``ExampleDataset.__getitems__``; token rows are
+sliced straight out of the mapped buffers). Keys also hold the source of this package's data code and the
+library versions (:func:`code_version`); a Hub dataset (a name, not a local path) is keyed by its name,
+config and split only, so a new revision on the Hub is not noticed: clear the cache.
 Under DDP each rank's evaluation sampler only asks for its own batches, so a rank reads only its shard.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -73,6 +76,20 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """What else decides the stored rows: the source of the data code that reads, validates, generates and
+    encodes them (every module of ``untrac_pl.data``) and the versions of the libraries it calls."""
+    import datasets
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return _digest(STORE_FORMAT, digest.hexdigest(), datasets.__version__, tokenizers.__version__, transformers.__version__)
+
+
 def _file_stamp(source: DataSource) -> list:
     """Sizes and modification times of the files behind ``source`` (a changed file means a new read)."""
     if source.path is None:
@@ -103,7 +120,7 @@ def source_dataset(source: DataSource | dict | str, cache_dir: Optional[str] = N
 
     source = as_source(source)
     spec = asdict(source)
-    fingerprint = _digest("records", STORE_FORMAT, spec, _file_stamp(source))
+    fingerprint = _digest("records", code_version(), spec, _file_stamp(source))
     try:
         with _quiet_datasets():
             return Dataset.from_generator(_generate_records, features=_features("records"), cache_dir=cache_dir,
@@ -157,6 +174,13 @@ def group_codes(dataset) -> tuple[list[str], np.ndarray]:
     return names, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def members_by_group(codes: np.ndarray, num_groups: int) -> list[np.ndarray]:
+    """The positions of each group's rows, in row order (``codes``: each row's group index)."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(num_groups + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(num_groups)]
+
+
 def sample_dataset_per_group(dataset, samples_per_group: Optional[int], seed: int):
     """:func:`untrac_pl.data.tokenize.sample_per_group` on a dataset: the same records in the same order."""
     if samples_per_group is None:
@@ -164,11 +188,8 @@ def sample_dataset_per_group(dataset, samples_per_group: Optional[int], seed: in
     if samples_per_group < 1:
         raise DataError(f"must be >= 1, got {samples_per_group}", field="samples_per_group")
     names, codes = group_codes(dataset)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
     kept, changed = [], False
-    for k, group in enumerate(names):
-        members = order[bounds[k]:bounds[k + 1]]
+    for group, members in zip(names, members_by_group(codes, len(names))):
         if len(members) > samples_per_group:
             rng = random.Random(f"{seed}:{group}")
             members = members[sorted(rng.sample(range(len(members)), samples_per_group))]
@@ -200,8 +221,8 @@ def tokenizer_identity(tokenizer) -> str:
     """What decides a tokenizer's output: its class, its fast backend's full definition (vocabulary,
     merges, normaliser, post-processor) and its special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = backend.to_str()
+    if backend is not None:  # truncation/padding are call-time state (a call with truncation=True sets them)
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     else:  # a slow tokenizer: datasets' own hash of the object
         from datasets.fingerprint import Hasher
 
@@ -222,7 +243,7 @@ def tokenize_dataset(records, tokenizer, max_length: int, name: str, num_proc: i
     """Tokenise a records dataset with a batched ``.map`` cached under the records' fingerprint + the
     tokenizer's identity + ``max_length``; the errors of :func:`untrac_pl.data.tokenize.tokenize_records`."""
     check_max_length(max_length)
-    fingerprint = _digest("tokens", STORE_FORMAT, records._fingerprint, tokenizer_identity(tokenizer), int(max_length))
+    fingerprint = _digest("tokens", code_version(), records._fingerprint, tokenizer_identity(tokenizer), int(max_length))
     lock_dir = Path(cache_dir) if cache_dir else Path(records.cache_files[0]["filename"]).parent if records.cache_files else None
     lock = contextlib.nullcontext()
     if lock_dir is not None:  # DDP ranks on one machine: the first tokenises, the others then load its files
@@ -259,11 +280,25 @@ class ArrowRows(Sequence):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getstate__(self):  # a DataLoader worker started by spawn gets the dataset (a file reference), not the rows
+        return {"dataset": self.dataset}
+
+    def __setstate__(self, state):
+        self.__init__(state["dataset"])
+
+    def _positions(self, positions: Sequence[int]) -> list[int]:
+        """``positions`` as non-negative ints (negative ones count from the end, as in a list)."""
+        n = len(self)
+        out = [int(p) + n if int(p) < 0 else int(p) for p in positions]
+        if out and (min(out) < 0 or max(out) >= n):
+            raise IndexError(f"row outside 0..{n - 1}")
+        return out
+
     def _rows(self, columns: dict, positions: Sequence[int]) -> list:
         raise NotImplementedError
 
     def take(self, positions: Sequence[int]) -> list:
-        positions = [int(p) for p in positions]
+        positions = self._positions(positions)
         if not positions:
             return []
         part = self._gather(np.asarray(positions, dtype=np.int64))
@@ -274,9 +309,6 @@ class ArrowRows(Sequence):
         chunked table costs time in the number of chunks (~1,000 per million rows), per call."""
         import pyarrow as pa
 
-        if positions.min() < 0 or positions.max() >= len(self):
-            raise IndexError(f"row {int(positions.max() if positions.max() >= len(self) else positions.min())} "
-                             f"outside 0..{len(self) - 1}")
         chunk = np.searchsorted(self._starts, positions, side="right") - 1
         order = np.argsort(chunk, kind="stable")
         splits = np.flatnonzero(np.diff(chunk[order])) + 1
@@ -336,21 +368,15 @@ class ExampleRows(ArrowRows):
         self._local = (np.arange(len(self), dtype=np.int64) - np.repeat(self._starts, sizes)).astype(np.int32)
 
     def take(self, positions: Sequence[int]) -> list:
-        positions = [int(p) for p in positions]
-        if positions and (min(positions) < -len(self) or max(positions) >= len(self)):
-            raise IndexError(f"row outside 0..{len(self) - 1}")
+        positions = self._positions(positions)
         rows = []
         ids_offsets, ids_values = self._offsets["input_ids"], self._values["input_ids"]
         lab_offsets, lab_values = self._offsets["labels"], self._values["labels"]
         for p in positions:
             c, i = self._chunk[p], self._local[p]
             io, lo = ids_offsets[c], lab_offsets[c]
-            rows.append({"input_ids": ids_values[c][io[i]:io[i + 1]].tolist(), "labels": lab_values[c][lo[i]:lo[i + 1]].tolist(),
-                         "index": p if p >= 0 else p + len(self)})
+            rows.append({"input_ids": ids_values[c][io[i]:io[i + 1]].tolist(), "labels": lab_values[c][lo[i]:lo[i + 1]].tolist(), "index": p})
         return rows
-
-    def _rows(self, columns: dict, positions):
-        return [{"input_ids": i, "labels": l, "index": p} for i, l, p in zip(columns["input_ids"], columns["labels"], positions)]
 
     def lengths(self) -> np.ndarray:
         return _column(self.dataset, "length").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -373,9 +399,7 @@ class StoredCorpus(TokenizedCorpus):
 
     def group_members(self) -> dict[str, list[int]]:
         names, codes = group_codes(self.records.dataset)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-        members = {name: order[bounds[k]:bounds[k + 1]].tolist() for k, name in enumerate(names)}
+        members = {name: positions.tolist() for name, positions in zip(names, members_by_group(codes, len(names)))}
         return {g: members[g] for g in self.groups}
 
     def group_column(self) -> list[str]:

@@ -71,10 +71,8 @@ class UnlearningOptions:
     snapshot_device: Optional[str] = field(default=None, metadata={"doc": "where the θ0 snapshot is kept"})
 
 
-def _assemble(predictions: list[dict], size: int) -> torch.Tensor:
-    losses = torch.full((size,), float("nan"))
-    for batch in predictions:
-        losses[batch["index"].cpu()] = batch["losses"].cpu().float()
+def _assemble(losses: torch.Tensor) -> torch.Tensor:
+    """The θ0 losses the writer gathered (NaN where not scored on this rank), merged and checked."""
     losses = merge_across_ranks(losses)  # under DDP each rank scored a shard: merge by index
     if not torch.isfinite(losses).all():
         bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()[:5]
@@ -135,7 +133,10 @@ class UnlearningMethod(AttributionMethod):
             eval_loader = shard_loader(eval_loader, trainer.global_rank, trainer.world_size)
         ctx.eval_loader = eval_loader
         t0 = time.perf_counter()
-        computed = _assemble(trainer.predict(module, eval_loader, return_predictions=True), len(plan.eval_corpus))
+        # the writer gathers the losses batch by batch (Lightning's list of every batch's outputs would pin
+        # small tensors between the freed activations: glibc then keeps ~1 KB of heap per example)
+        trainer.predict(module, eval_loader, return_predictions=False)
+        computed = _assemble(ctx.writer.take_theta0())
         base, finished = resume_targets(ctx.state, computed, [t.id for t in plan.targets], len(plan.eval_corpus))
         for target_id, (row, info) in finished.items():
             if row is not None:
