@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -90,3 +91,25 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (set UNTRAC_SHARED_DATA)")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def interrupt_after_targets(n: int, exception=KeyboardInterrupt):
+    """Within the block, ``ResumeState.record`` raises ``exception`` right after the ``n``-th finished
+    target is persisted (a run stopped between two targets, its partial kept for a resume)."""
+    from untrac_pl.resume import ResumeState
+
+    original, count = ResumeState.record, {"n": 0}
+
+    def record(self, *args, **kwargs):
+        path = original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] >= n:
+            raise exception()
+        return path
+
+    ResumeState.record = record
+    try:
+        yield count
+    finally:
+        ResumeState.record = original

@@ -2,11 +2,13 @@
 accumulated as targets finish, exact top-k without sorting a whole row, and ScoreTable.open (lazy)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_after_targets
 from safetensors import safe_open
 
 from untrac_pl.callbacks import rankings
@@ -16,7 +18,6 @@ from untrac_pl.data.schedule import UnlearningSchedule
 from untrac_pl.engine import AttributionConfig, run_attribution
 from untrac_pl.io import save_safetensors_atomic
 from untrac_pl.optim import OptimizerSpec
-from untrac_pl.resume import ResumeState
 from untrac_pl.scores import ScoreTable
 from untrac_pl.unlearning import UnTracModule
 
@@ -28,28 +29,15 @@ class _Stop(Exception):
     pass
 
 
-def _run(tiny_spec, quickstart, out, method="untrac_inv", unit="example", stop_after=None, monkeypatch=None):
+def _run(tiny_spec, quickstart, out, method="untrac_inv", unit="example", stop_after=None):
     train = [dict(r) for r in quickstart["train"]]
     queries = [dict(r) for r in quickstart["queries"]]
     module = UnTracModule(model=tiny_spec(), optimizer=OptimizerSpec(lr=1e-3),
                           unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
     dm = AttributionDataModule.from_records(train, queries, max_length=40, eval_batch_size=8)
-    if stop_after is not None:
-        original, count = ResumeState.record, {"n": 0}
-
-        def record(self, *args, **kwargs):
-            path = original(self, *args, **kwargs)
-            count["n"] += 1
-            if count["n"] >= stop_after:
-                raise _Stop()
-            return path
-
-        monkeypatch.setattr(ResumeState, "record", record)
-    try:
+    stop = interrupt_after_targets(stop_after, _Stop) if stop_after is not None else contextlib.nullcontext()
+    with stop:
         return run_attribution(module, dm, AttributionConfig(method=method, target_unit=unit, output_dir=str(out), seed=2), CPU)
-    finally:
-        if stop_after is not None:
-            monkeypatch.setattr(ResumeState, "record", original)
 
 
 @pytest.mark.parametrize("method, unit", [("untrac_inv", "example"), ("untrac_inv", "group"), ("untrac", "group"), ("graddot", "example")])
@@ -73,7 +61,7 @@ def test_resume_with_a_memory_mapped_matrix(tmp_path, tiny_spec, quickstart, mon
     reference = _run(tiny_spec, quickstart, tmp_path / "ref")
     monkeypatch.setattr(rankings, "MEMMAP_MIN_ENTRIES", 1)
     with pytest.raises(_Stop):
-        _run(tiny_spec, quickstart, tmp_path / "out", stop_after=2, monkeypatch=monkeypatch)
+        _run(tiny_spec, quickstart, tmp_path / "out", stop_after=2)
     assert (tmp_path / "out.partial" / "progress" / "score_matrix.npy").exists()
     resumed = _run(tiny_spec, quickstart, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_targets"] == 2

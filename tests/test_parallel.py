@@ -9,8 +9,11 @@ padding into a target's loss would all move them far outside the tolerance.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from conftest import interrupt_after_targets
 
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import ParallelAscentDataset, UnlearningSchedule, plan_micro_batches
@@ -192,30 +195,16 @@ def test_lora_adapters_alone_are_stacked_and_the_base_is_never_written(tiny_spec
 def test_an_interrupted_parallel_run_resumes_chunk_by_chunk(tmp_path, tiny_spec, quickstart, monkeypatch):
     """K=2 over 4 groups = 2 chunks; stopped once the first chunk is persisted, the resume redoes only the second
     and ends with the uninterrupted run's scores, bit for bit."""
-    from untrac_pl.resume import ResumeState
-
     groups = ("animals", "cooking", "sports", "insults")
     train = [r for g in groups for r in [r for r in quickstart["train"] if r["group"] == g][:3]]
 
     def run(out, stop_after=None):
         module = UnTracModule(tiny_spec(), OptimizerSpec(name="adam", lr=1e-3), UnlearningSchedule(num_epochs=1, num_steps=None, batch_size=1))
         dm = AttributionDataModule.from_records(train, quickstart["queries"][:4], max_length=32, eval_batch_size=4)
-        if stop_after is not None:
-            original, count = ResumeState.record, {"n": 0}
-
-            def record(self, *args, **kwargs):
-                path = original(self, *args, **kwargs)
-                count["n"] += 1
-                if count["n"] >= stop_after:
-                    raise KeyboardInterrupt
-                return path
-
-            monkeypatch.setattr(ResumeState, "record", record)
-        try:
+        stop = interrupt_after_targets(stop_after) if stop_after is not None else contextlib.nullcontext()
+        with stop:
             return run_attribution(module, dm, AttributionConfig(method="untrac", target_unit="group", parallel_targets=2,
                                                                  output_dir=str(out)), CPU)
-        finally:
-            monkeypatch.undo()
 
     reference = run(tmp_path / "ref")
     with pytest.raises(KeyboardInterrupt):

@@ -2,6 +2,7 @@
 corrupt per-target files, the lock, and a changed checkpoint behind an unchanged config."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_after_targets
 
 from untrac_pl.data.datamodule import AttributionDataModule
 from untrac_pl.data.schedule import UnlearningSchedule
@@ -99,37 +101,23 @@ class _Interrupt(KeyboardInterrupt):
     pass
 
 
-def _run(spec, train, queries, out, *, lr=1e-3, stop_after=None, monkeypatch=None, net=None, tokenizer=None, **cfg):
+def _run(spec, train, queries, out, *, lr=1e-3, stop_after=None, net=None, tokenizer=None, **cfg):
     module = UnTracModule(model=spec, optimizer=OptimizerSpec(lr=lr), unlearning=UnlearningSchedule(num_steps=1, num_epochs=None, batch_size=None))
     if net is not None:
         module.attach(net, tokenizer)
     dm = AttributionDataModule.from_records(train, queries, max_length=40, eval_batch_size=8)
-    if stop_after is not None:  # interrupt right after the stop_after-th target is persisted
-        original = ResumeState.record
-        count = {"n": 0}
-
-        def record(self, *args, **kwargs):
-            path = original(self, *args, **kwargs)
-            count["n"] += 1
-            if count["n"] >= stop_after:
-                raise _Interrupt()
-            return path
-
-        monkeypatch.setattr(ResumeState, "record", record)
-    try:
+    stop = interrupt_after_targets(stop_after, _Interrupt) if stop_after is not None else contextlib.nullcontext()
+    with stop:  # interrupt right after the stop_after-th target is persisted
         return run_attribution(module, dm, AttributionConfig(output_dir=str(out), **cfg), CPU)
-    finally:
-        if stop_after is not None:
-            monkeypatch.undo()
 
 
 @pytest.fixture
-def interrupted(tmp_path, tiny_spec, quickstart, monkeypatch):
+def interrupted(tmp_path, tiny_spec, quickstart):
     """An output dir whose run stopped after 1 of 3 targets (partial kept)."""
     train, queries = _records(quickstart, per_group=1)
     out = tmp_path / "out"
     with pytest.raises(_Interrupt):
-        _run(tiny_spec(), train, queries, out, stop_after=1, monkeypatch=monkeypatch)
+        _run(tiny_spec(), train, queries, out, stop_after=1)
     assert not out.exists() and len(_finished_files(out)) == 1
     return out, train, queries
 
@@ -160,7 +148,7 @@ def test_resume_skips_finished_and_recomputes_a_corrupt_target_file(interrupted,
     assert torch.equal(result.table.scores, reference.table.scores)
 
 
-def test_resume_refuses_a_changed_checkpoint_behind_the_same_config(tmp_path, tiny_spec, tiny_tokenizer, quickstart, monkeypatch):
+def test_resume_refuses_a_changed_checkpoint_behind_the_same_config(tmp_path, tiny_spec, tiny_tokenizer, quickstart):
     """Same spec, different weights (e.g. a checkpoint overwritten in place): the θ0 check refuses."""
     from untrac_pl.models import build_model
 
@@ -168,7 +156,7 @@ def test_resume_refuses_a_changed_checkpoint_behind_the_same_config(tmp_path, ti
     out = tmp_path / "out"
     net = build_model(tiny_spec(), tiny_tokenizer)
     with pytest.raises(_Interrupt):
-        _run(tiny_spec(), train, queries, out, net=net, tokenizer=tiny_tokenizer, stop_after=1, monkeypatch=monkeypatch)
+        _run(tiny_spec(), train, queries, out, net=net, tokenizer=tiny_tokenizer, stop_after=1)
     with torch.no_grad():
         net.transformer.wte.weight.mul_(1.5)
     with pytest.raises(ResumeConflictError, match="θ0 losses differ.*restart: true"):
