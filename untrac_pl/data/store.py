@@ -106,11 +106,16 @@ def _file_stamp(source: DataSource) -> list:
     return stamp
 
 
+def _row(record: dict) -> dict:
+    """A record as one row of the records table (absent fields null, the origin a column)."""
+    row = {name: record.get(name) for name in RECORD_COLUMNS[:-1]}
+    row["origin"] = getattr(record, "origin", None)
+    return row
+
+
 def _generate_records(source: dict) -> Iterator[dict]:
     for record in iter_records(DataSource(**source)):
-        row = {name: record.get(name) for name in RECORD_COLUMNS[:-1]}
-        row["origin"] = record.origin
-        yield row
+        yield _row(record)
 
 
 def source_dataset(source: DataSource | dict | str, cache_dir: Optional[str] = None):
@@ -139,9 +144,7 @@ def records_dataset(records: Sequence[dict]):
     in-memory Arrow dataset: the same storage and views as a source's, without a cache (there is no file)."""
     from datasets import Dataset
 
-    columns = {name: [r.get(name) for r in records] for name in RECORD_COLUMNS[:-1]}
-    columns["origin"] = [getattr(r, "origin", None) for r in records]
-    return Dataset.from_dict(columns, features=_features("records"))
+    return Dataset.from_list([_row(r) for r in records], features=_features("records"))
 
 
 def side_dataset(sources: Sequence, cache_dir: Optional[str] = None):
