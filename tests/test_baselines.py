@@ -255,6 +255,43 @@ def test_tracin_matches_bruteforce_and_restores_weights(setup, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def test_group_matrix_from_group_mean_gradients_equals_the_per_example_path(setup, hess_setup, tmp_path, monkeypatch):
+    """example_scores=False (what a reproduction asks for): every method's group matrix from the groups' mean
+    gradients (one backward per group and batch) equals the one averaged from per-example gradients, with
+    groups interleaved in the data, padded batches, and batches given already collated (mixed groups)."""
+    model, train, queries, names, _, _ = setup
+    hmodel, htrain, hqueries = hess_setup[:3]
+    htg, hqg = ["a", "b", "a", "c", "b", "c", "a", "b"], ["x", "y", "x"]
+    sd = {n: (p.detach() + 0.05).contiguous() for n, p in model.named_parameters()}
+    cases = [
+        (graddot, model, train, queries, TRAIN_GROUPS, QUERY_GROUPS, {}),
+        (gradcos, model, train, queries, TRAIN_GROUPS, QUERY_GROUPS, {}),
+        (tracin, model, train, queries, TRAIN_GROUPS, QUERY_GROUPS, {"checkpoints": [(sd, 0.1), (dict(model.state_dict()), 0.05)]}),
+        (graddot, model, train, queries, TRAIN_GROUPS, QUERY_GROUPS, {"projection_dim": 16}),
+        (hif_lissa, hmodel, htrain, hqueries, htg, hqg, {"iterations": 5, "damping": 0.5, "scale": 20.0}),
+        (hif_lissa, hmodel, htrain, hqueries, htg, hqg, {"iterations": 5, "query_ihvp": "group"}),
+        (hif_arnoldi, hmodel, htrain, hqueries, htg, hqg, {"iterations": 20, "top_k": 5}),
+    ]
+    for fn, m, tr, qu, tg, qg, opts in cases:
+        want = fn(m, tr, qu, train_groups=tg, query_groups=qg, batch_size=3, **opts)
+        for data in (tr, as_batches(tr, batch_size=3)):  # examples (sorted by group here) or mixed-group batches
+            got = fn(m, data, qu, train_groups=tg, query_groups=qg, batch_size=3, example_scores=False, **opts)
+            assert got["example_scores"] is None and got["info"]["group_gradients"]
+            assert (got["train_groups"], got["query_groups"]) == (want["train_groups"], want["query_groups"])
+            torch.testing.assert_close(got["group_scores"], want["group_scores"], rtol=1e-4, atol=ATOL, msg=fn.__name__)
+
+    # the group path takes no per-example gradient at all; group_normalize="example" still needs them
+    monkeypatch.setattr(GradientComputer, "per_example", lambda *a, **k: pytest.fail("per-example gradients taken"))
+    graddot(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, example_scores=False)
+    monkeypatch.undo()
+    ex = gradcos(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, group_normalize="example", example_scores=False)
+    full = gradcos(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, group_normalize="example")
+    assert ex["example_scores"] is None and "group_gradients" not in ex["info"]
+    torch.testing.assert_close(ex["group_scores"], full["group_scores"])
+    with pytest.raises(ValueError, match="needs both train_groups and query_groups"):
+        graddot(model, train, queries, train_groups=TRAIN_GROUPS, example_scores=False)
+
+
 def test_random_projection_preserves_graddot_and_is_deterministic(setup, hess_setup):
     model, train, queries, _, Gt, Gq = setup
     a = graddot(model, train, queries, projection_dim=128, projection_seed=7)

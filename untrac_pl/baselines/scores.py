@@ -38,6 +38,7 @@ import torch
 
 from untrac_pl.baselines._inputs import (
     IndexTracker,
+    _is_example,
     as_batches,
     group_map,
     mean_by_group,
@@ -45,8 +46,10 @@ from untrac_pl.baselines._inputs import (
 from untrac_pl.baselines.gradients import (
     GradientComputer,
     RandomProjector,
+    batch_losses,
     eval_mode,
     grad_enabled_scope,
+    to_device,
 )
 from untrac_pl.baselines.hessian import (
     HessianOperator,
@@ -74,11 +77,14 @@ class _Setup:
                  projection_seed: int = 0, batch_size: int = 8, pad_token_id: int = 0,
                  use_vmap: bool = True, vmap_chunk_size: Optional[int] = None,
                  group_normalize: str = "group", progress: Optional[Callable[[int, Optional[int]], None]] = None,
-                 hessian_progress: Optional[Callable[[str, int, int], None]] = None):
+                 hessian_progress: Optional[Callable[[str, int, int], None]] = None, example_scores: bool = True):
         if group_normalize not in ("group", "example"):
             raise ValueError(f"group_normalize must be 'group' or 'example', got {group_normalize!r}")
+        if not example_scores and (train_groups is None or query_groups is None):
+            raise ValueError("example_scores=False scores groups against groups: it needs both train_groups and query_groups")
         self.model = model
         self.batch_size, self.pad_token_id = batch_size, pad_token_id
+        self.train_raw, self.queries_raw = train, queries
         self.train = as_batches(train, batch_size=batch_size, pad_token_id=pad_token_id)
         self.queries = as_batches(queries, batch_size=batch_size, pad_token_id=pad_token_id)
         self.gc = GradientComputer(model, params, use_vmap=use_vmap, chunk_size=vmap_chunk_size)
@@ -100,12 +106,25 @@ class _Setup:
         else:
             self.train_gid, self.train_names = None, None
         self.query_gid = self.query_names = None
+        # example_scores=False: only the group matrix is wanted, and every method's group score is a function
+        # of the groups' MEAN gradients (linear maps and a final normalisation), so those are taken directly:
+        # one backward of each group's summed loss per batch instead of per-example gradients (vmap).
+        # group_normalize="example" normalises each example gradient first and still needs them.
+        self.example_scores = example_scores
+        self.by_group_means = not example_scores and group_normalize == "group"
+        if self.by_group_means:
+            self.query_gid, self.query_names = group_map(query_groups, len(list(query_groups)), "query")
+            self.info["group_gradients"] = "group mean gradients (one backward per group and batch)"
 
     def project(self, flat: torch.Tensor) -> torch.Tensor:
         return self.projector(flat) if self.projector is not None else flat
 
     def query_grads(self) -> torch.Tensor:
-        """Full (unprojected) per-example query gradients ``[Q, P]``, rows in query-index order."""
+        """Full (unprojected) per-example query gradients ``[Q, P]``, rows in query-index order
+        (with ``by_group_means``: the query groups' mean gradients ``[Qg, P]``)."""
+        if self.by_group_means:
+            batches = self.grouped(self.queries_raw, self.queries, self.query_gid)
+            return self.group_means(batches, self.query_gid, len(self.query_names), lambda g: g, "query")
         tracker = IndexTracker("query")
         rows = []
         for batch in self.queries:
@@ -121,15 +140,71 @@ class _Setup:
 
     def query_group_rows(self, F: torch.Tensor) -> Optional[torch.Tensor]:
         """Rows used for the group-score matrix, from query example vectors ``F`` (linear: means)."""
+        if self.by_group_means:  # F already holds one row per query group
+            return F
         if self.query_gid is not None:
             return mean_by_group(F, self.query_gid, len(self.query_names))
         if self.train_gid is not None:
             return F
         return None
 
+    def group_means(self, batches, gid: torch.Tensor, k: int, featurize: Callable, what: str,
+                    progress: Optional[Callable[[int, Optional[int]], None]] = None) -> torch.Tensor:
+        """``featurize`` of each group's mean gradient ``[k, D]``: per batch one forward and, for each group
+        in it, one backward of that group's summed per-example loss (``featurize`` must be linear)."""
+        tracker = IndexTracker(what)
+        params = {n: p.detach().requires_grad_(True) for n, p in self.gc.params().items()}
+        total = len(batches) if hasattr(batches, "__len__") else None
+        sums = None
+        for done, batch in enumerate(batches, start=1):
+            idx = tracker.positions(batch)
+            if idx.max() >= len(gid):
+                raise ValueError(f"{what}_groups is shorter than the {what} data")
+            batch_gid = gid[idx]
+            present = torch.unique(batch_gid).tolist()
+            with torch.enable_grad():  # the methods run under no_grad (see grad_enabled_scope)
+                losses = batch_losses(self.model, params, to_device(batch, self.gc.device))
+                per_group = [losses[(batch_gid == g).to(losses.device)].sum() for g in present]
+            for j, g in enumerate(present):
+                grads = torch.autograd.grad(per_group[j], list(params.values()), retain_graph=j < len(present) - 1)
+                row = featurize(self.gc.space.flatten(dict(zip(params, grads)))[None])[0]
+                if sums is None:
+                    sums = torch.zeros(k, row.shape[0], device=row.device, dtype=row.dtype)
+                sums[g] += row
+            if progress is not None:
+                progress(done, total)
+        n = tracker.finish().numel()
+        if len(gid) != n:
+            raise ValueError(f"{what}_groups has {len(gid)} entries for {n} {what} examples")
+        counts = torch.bincount(gid, minlength=k).clamp_min(1).to(sums)
+        return sums / counts[:, None]
+
     def stream(self, Qf: torch.Tensor, Qgf: Optional[torch.Tensor], featurize: Callable,
-               normalize_train: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One pass over the training data: example scores ``[Q, N]`` and group scores (or None)."""
+               normalize_train: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """One pass over the training data: example scores ``[Q, N]`` (``None`` without
+        ``example_scores``) and group scores (or None)."""
+        if self.by_group_means:
+            Gk = self.group_means(self.grouped(self.train_raw, self.train, self.train_gid), self.train_gid, len(self.train_names), featurize, "train", self.progress)
+            return None, Qgf @ (_normalize(Gk) if normalize_train else Gk).T
+        S, Sg = self._stream_examples(Qf, Qgf, featurize, normalize_train)
+        return (S if self.example_scores else None), Sg
+
+    def grouped(self, data, batches, gid: torch.Tensor):
+        """Batches for :meth:`group_means`: the examples sorted by group (mostly one group per batch, so
+        one backward per batch) when they were given as examples; ``batches`` as given otherwise."""
+        if not (isinstance(data, Sequence) and len(data) > 0 and _is_example(data[0])):
+            return batches
+        if len(gid) != len(data):
+            raise ValueError(f"{len(gid)} group entries for {len(data)} examples")
+        index = [int(ex.get("index", pos)) for pos, ex in enumerate(data)]
+        if sorted(index) != list(range(len(data))):
+            raise ValueError(f"'index' values must be a permutation of 0..{len(data) - 1}")
+        order = sorted(range(len(data)), key=lambda pos: int(gid[index[pos]]))
+        examples = [{**data[pos], "index": index[pos]} for pos in order]
+        return as_batches(examples, batch_size=self.batch_size, pad_token_id=self.pad_token_id)
+
+    def _stream_examples(self, Qf: torch.Tensor, Qgf: Optional[torch.Tensor], featurize: Callable,
+                         normalize_train: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         tracker = IndexTracker("train")
         cols, gcols = [], []
         gsum = None
@@ -251,7 +326,8 @@ def tracin(model, train, queries, *, checkpoints: Sequence[Checkpoint], train_gr
                     raise KeyError(f"checkpoint has keys the model lacks: {res.unexpected_keys[:5]}")
                 Qf = st.project(st.query_grads())
                 S, Sg = st.stream(Qf, st.query_group_rows(Qf), st.project, normalize_train=normalize_train)
-                S_tot = float(lr) * S if S_tot is None else S_tot + float(lr) * S
+                if S is not None:
+                    S_tot = float(lr) * S if S_tot is None else S_tot + float(lr) * S
                 if Sg is not None:
                     Sg_tot = float(lr) * Sg if Sg_tot is None else Sg_tot + float(lr) * Sg
     finally:

@@ -299,7 +299,7 @@ class GradientMethod(AttributionMethod):
         with self._progress(options, ctx.trainer_kwargs.get("enable_progress_bar", True)) as options, eager_attention(ctx.net):
             out = self.compute(ctx.net, train_corpus.examples, query_corpus.examples,
                                train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in query_corpus.records],
-                               **options)
+                               example_scores=False, **options)  # the group matrix only: from group mean gradients
         rows = [str(r) for r in out["query_groups"]]  # out["group_rows"]/["group_cols"] name the units, not the groups
         cols = [str(c) for c in out["train_groups"]]
         return ScoreTable(out["group_scores"].float().cpu(), rows, rows, cols, cols, "group", "group", spec.key, {"info": out.get("info", {})})
