@@ -116,7 +116,8 @@ def test_each_baselines_options_are_exactly_its_scoring_functions_keywords():
 
     from untrac_pl.baselines.scores import _Setup
 
-    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups", "progress", "hessian_progress"}  # progress: the run's bar, no option
+    # progress: the run's bar; example_scores: set by reproduce (group matrix only); neither is an option
+    reserved = {"self", "model", "train", "queries", "train_groups", "query_groups", "progress", "hessian_progress", "example_scores"}
 
     def keywords(fn):
         params = inspect.signature(fn).parameters.values()

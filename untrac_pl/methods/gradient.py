@@ -176,7 +176,7 @@ class GradientMethod(AttributionMethod):
     fn: Callable = None
 
     # fn streams the training gradients through baselines.scores._Setup and takes its progress hooks
-    # (``progress``; HIF also ``hessian_progress``): the built-in per-example-gradient methods set these
+    # (``progress``; HIF also ``hessian_progress``) and ``example_scores``: the built-in per-example-gradient methods set these
     streams_training: ClassVar[bool] = False
     iterates_hessian: ClassVar[bool] = False
 
@@ -299,7 +299,8 @@ class GradientMethod(AttributionMethod):
         with self._progress(options, ctx.trainer_kwargs.get("enable_progress_bar", True)) as options, eager_attention(ctx.net):
             out = self.compute(ctx.net, train_corpus.examples, query_corpus.examples,
                                train_groups=[r["group"] for r in train], query_groups=[r["group"] for r in query_corpus.records],
-                               example_scores=False, **options)  # the group matrix only: from group mean gradients
+                               **({"example_scores": False} if self.streams_training else {}),  # group matrix only: from group mean gradients
+                               **options)
         rows = [str(r) for r in out["query_groups"]]  # out["group_rows"]/["group_cols"] name the units, not the groups
         cols = [str(c) for c in out["train_groups"]]
         return ScoreTable(out["group_scores"].float().cpu(), rows, rows, cols, cols, "group", "group", spec.key, {"info": out.get("info", {})})
