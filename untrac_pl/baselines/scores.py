@@ -154,6 +154,8 @@ class _Setup:
         in it, one backward of that group's summed per-example loss (``featurize`` must be linear)."""
         tracker = IndexTracker(what)
         params = {n: p.detach().requires_grad_(True) for n, p in self.gc.params().items()}
+        # the parameters outside the selection go in detached: autograd records only what it differentiates
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in params}
         total = len(batches) if hasattr(batches, "__len__") else None
         sums = None
         for done, batch in enumerate(batches, start=1):
@@ -163,7 +165,7 @@ class _Setup:
             batch_gid = gid[idx]
             present = torch.unique(batch_gid).tolist()
             with torch.enable_grad():  # the methods run under no_grad (see grad_enabled_scope)
-                losses = batch_losses(self.model, params, to_device(batch, self.gc.device))
+                losses = batch_losses(self.model, {**frozen, **params}, to_device(batch, self.gc.device))
                 per_group = [losses[(batch_gid == g).to(losses.device)].sum() for g in present]
             for j, g in enumerate(present):
                 grads = torch.autograd.grad(per_group[j], list(params.values()), retain_graph=j < len(present) - 1)
