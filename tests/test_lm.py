@@ -132,3 +132,28 @@ def test_fit_cli_records_the_last_steps_decayed_lr_and_refuses_trainer_max_steps
     assert main(other + ["--trainer.max_steps", "2000"]) == 2
     err = capsys.readouterr().err
     assert "trainer.max_steps=2000" in err and "fit.max_steps" in err and not (tmp_path / "other" / "model").exists()
+
+
+def test_losses_build_no_key_value_cache_and_equal_the_cached_forward(toy):
+    """A loss forward asks a Hugging Face LM for no cache (it costs every ascent step); the losses are
+    those of the model's default (cached) forward."""
+    from untrac_pl.data.collate import PadCollator
+    from untrac_pl.losses import model_losses
+    _, net, tok, _ = toy
+    net.eval()
+    assert net.config.use_cache is True  # the default this guards against
+    records = tokenize_records([{"id": "a", "group": "g", "text": "the cat sat on the mat"},
+                                {"id": "b", "group": "g", "text": "a dog"}], tok, 16, "train")
+    batch = PadCollator(tok.pad_token_id)(records.examples)
+    seen = []
+    original = net.forward
+    net.forward = lambda **kw: seen.append(kw.get("use_cache")) or original(**kw)
+    try:
+        with torch.no_grad():
+            losses = {r: model_losses(net, batch, r) for r in ("example_mean", "token_mean")}
+            cached = original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    finally:
+        del net.forward
+    assert seen == [False, False]
+    assert cached.past_key_values is not None
+    torch.testing.assert_close(losses["token_mean"][0], cached.loss, rtol=0, atol=0)

@@ -38,6 +38,20 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def lm_inputs(model: torch.nn.Module, batch: dict, labels: bool = False) -> dict:
+    """The keyword arguments of a causal-LM forward on a collated batch.
+
+    ``use_cache=False`` where the model has a key/value cache (its config says ``use_cache``): a
+    loss needs none, and building one costs every forward.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if labels:
+        kwargs["labels"] = batch["labels"]
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 def model_losses(model: torch.nn.Module, batch: dict, reduction: LossReduction = "example_mean", parameters: Optional[dict] = None) -> torch.Tensor:
     """Per-example losses ``[batch]`` of a Hugging Face causal LM on a collated batch.
 
@@ -47,11 +61,9 @@ def model_losses(model: torch.nn.Module, batch: dict, reduction: LossReduction =
     means of these values are the authors' per-dataset evaluation losses. ``parameters`` evaluates
     the model with other tensors in place of its own (``torch.func.functional_call``).
     """
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if reduction == "token_mean":
-        kwargs["labels"] = batch["labels"]
-    elif reduction != "example_mean":
+    if reduction not in ("token_mean", "example_mean"):
         raise ValueError(f"unknown loss_reduction {reduction!r} (example_mean or token_mean)")
+    kwargs = lm_inputs(model, batch, labels=reduction == "token_mean")
     out = model(**kwargs) if parameters is None else functional_call(model, parameters, args=(), kwargs=kwargs, strict=False)
     if reduction == "token_mean":
         return out.loss.float().expand(batch["input_ids"].shape[0]).clone()
@@ -60,7 +72,7 @@ def model_losses(model: torch.nn.Module, batch: dict, reduction: LossReduction =
 
 def model_token_mean_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The batch's token-mean loss as a 0-d tensor: the model's own ``loss`` (Hugging Face convention)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(**lm_inputs(model, batch, labels=True)).loss
 
 
 def model_per_example_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:

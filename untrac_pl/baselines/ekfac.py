@@ -28,7 +28,7 @@ import torch
 from untrac_pl.baselines._inputs import as_batches, group_map, mean_by_group
 from untrac_pl.data.collate import PadCollator
 from untrac_pl.errors import MethodOptionError
-from untrac_pl.losses import IGNORE_INDEX, per_example_loss
+from untrac_pl.losses import IGNORE_INDEX, lm_inputs, per_example_loss
 
 INSTALL_HINT = (
     "method 'ekfac' needs the optional package kronfluence. Install it without touching torch:\n"
@@ -81,7 +81,7 @@ def ekfac_scores(model, train, queries, *, train_groups=None, query_groups=None,
 
     class _LMTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**lm_inputs(model, batch)).logits
             labels = batch["labels"]
             if sample:  # true Fisher: targets drawn from the model's own predictive distribution
                 with torch.no_grad():
@@ -92,7 +92,7 @@ def ekfac_scores(model, train, queries, *, train_groups=None, query_groups=None,
             return per_example_loss(logits, labels).sum()
 
         def compute_measurement(self, batch, model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**lm_inputs(model, batch)).logits
             return per_example_loss(logits, batch["labels"]).sum()
 
         def get_attention_mask(self, batch):

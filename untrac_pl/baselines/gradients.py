@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch.func import functional_call, grad, vmap
 
-from untrac_pl.losses import per_example_loss
+from untrac_pl.losses import lm_inputs, per_example_loss
 
 ParamFilter = Union[None, str, "re.Pattern[str]", Sequence[str], Callable[[str, torch.nn.Parameter], bool]]
 
@@ -99,7 +99,7 @@ def _logits(output) -> torch.Tensor:
 def batch_losses(model: torch.nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Per-example losses ``[B]`` of ``model`` with ``params`` substituted (others: the model's own)."""
     out = functional_call(
-        model, dict(params), (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        model, dict(params), (), lm_inputs(model, batch)
     )
     return per_example_loss(_logits(out), batch["labels"])
 
