@@ -88,6 +88,19 @@ def environment(device: str) -> dict:
         info["load_average_1min"] = os.getloadavg()[0]
     except OSError:
         pass
+    try:  # the CPU model: these machines differ (Intel Xeon / AMD EPYC) and so do their figures
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    # the C allocator's settings change CPU step times by 2x at GPT-2-small size (benchmarks/README.md)
+    allocator = {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
+    info["allocator_env"] = allocator or "default"
+    try:
+        import subprocess
+
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
     return info
 
 

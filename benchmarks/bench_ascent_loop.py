@@ -4,22 +4,28 @@ At that scale (80,000 sequential steps per run in the paper) what a step costs o
 the wall time. This measures ascent steps per second of the engine (``run_attribution``, UnTrac, one
 fresh Trainer per target, RestoreWeights / MemoryMonitor / RankingWriter callbacks) against a plain
 PyTorch loop doing the same work on the same model, data, seeds and optimizer — copy θ0 back, build
-Adam, one ``backward(-loss)`` + step per example, then the same scoring of the queries — side by side in
-one process, alternating which goes first. The scores of both must be equal.
+Adam, one ``backward(-loss)`` + step per example, then the same scoring of the queries. The scores of
+both must be equal. By default (``--engine-settings user``) the engine runs as a user runs it:
+TensorBoard logger, progress bar, run directory written (rankings, per-target results for resume).
 
-The engine runs as a user runs it: TensorBoard logger, progress bar, run directory written (rankings,
-per-target partial results for resume). Two figures are reported for each side:
+Two designs, both in one run (``--mode both``):
 
-- **steady-state step interval**: the time between consecutive ascent step ends inside a target (the
-  engine: a callback's ``on_train_batch_end``; the plain loop: after its ``optimizer.step``), i.e. one
-  whole cycle of the loop; the first step of each target is excluded (it carries the target's set-up:
-  restore, a fresh optimizer, Adam's state allocated on its first step). On CUDA the marks are CUDA
-  events recorded on the stream, so timing adds no host synchronisation to either loop. The goal is
-  judged on the ratio of the median intervals (plain / engine = engine steps/s over plain steps/s), with
-  a 95 % hierarchical bootstrap interval (repeats resampled, then intervals within each): met when the
-  interval's lower end clears the goal, missed when its upper end is below it, otherwise not resolved.
-- **per-target fixed cost**: (target phase seconds - the target's steady-state intervals) / targets: its
-  first step, the restore, the Trainer, the scoring of the queries and (engine) the writes.
+- **lockstep** (the steady-state step rate; what the goal is judged on): the plain loop runs on its own
+  copy of the model *interleaved with the engine step by step* — after each engine step a callback runs
+  one plain step — so both see the same machine state to within a second (this CPU's speed drifts by
+  ±25 % between 15-second windows). Engine interval = from the end of the plain step to the end of the
+  engine's next step (one whole cycle of the Trainer's loop, its callbacks included); plain interval =
+  the plain step. The first step of each target is excluded on both sides (it carries the target's
+  set-up: restore, a fresh optimizer, Adam's state allocated). Ratio = median plain interval / median
+  engine interval (= engine steps/s over plain steps/s), with a 95 % bootstrap interval that resamples
+  the runs, then the (engine, plain) step pairs within each: the goal is met when the interval's lower
+  end clears it, missed when its upper end is below it, otherwise not resolved.
+- **sequential**: the engine's whole target phase against the plain loop's, one after the other,
+  alternating which goes first; from it the **per-target fixed cost** of each side:
+  (phase seconds - the steady-state intervals) / targets (the first step, restore, Trainer, scoring of
+  the queries and, for the engine, its writes).
+
+On CUDA every mark is a CUDA event recorded on the stream, so timing adds no host synchronisation.
 
     python benchmarks/bench_ascent_loop.py --size tiny      # 2 layers, 128 wide, vocabulary 2,048
     python benchmarks/bench_ascent_loop.py --size small     # GPT-2-small-sized (12 x 768, vocabulary 50,257)
@@ -28,6 +34,7 @@ per-target partial results for resume). Two figures are reported for each side:
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -41,21 +48,24 @@ SIZES = {"tiny": (2, 128, 2, 2048), "small": (12, 768, 12, 50257)}
 
 
 class StepMarks:
-    """Times of the loop's step ends: ``perf_counter`` on CPU, CUDA events on the stream (no host sync)."""
+    """Times of step ends: ``perf_counter`` on CPU, CUDA events on the stream (no host sync)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         self.marks: list = []
 
-    def mark(self) -> None:
+    def mark(self) -> int:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
 
     def seconds(self) -> list[float]:
+        if not self.marks:
+            return []
         if self.cuda:
             torch.cuda.synchronize()
             return [self.marks[0].elapsed_time(e) / 1000.0 for e in self.marks]
@@ -72,6 +82,79 @@ class StepMarkCallback(pl.Callback):
         self.marks.mark()
 
 
+class PlainLoop:
+    """The bare PyTorch reference: the same steps on ``net`` (θ0 copied back per target)."""
+
+    def __init__(self, net, theta0, dm, schedule, optimizer_spec, query_batches, n_queries, device):
+        self.net, self.theta0, self.dm, self.schedule = net, theta0, dm, schedule
+        self.optimizer_spec, self.query_batches, self.n_queries, self.device = optimizer_spec, query_batches, n_queries, device
+
+    def start(self, target):
+        from untrac_pl.data.schedule import plan_micro_batches
+        from untrac_pl.optim import build_optimizer
+
+        with torch.no_grad():
+            for name, p in self.net.named_parameters():
+                p.copy_(self.theta0[name])
+        pl.seed_everything(target.seed, workers=True, verbose=False)
+        self.net.train()
+        self.target = target
+        self.optimizer = build_optimizer(self.optimizer_spec, self.net.parameters())
+        return iter(plan_micro_batches(len(target.indices), self.schedule, target.seed))
+
+    def step(self, entry) -> None:
+        from untrac_pl.losses import model_per_example_loss
+
+        batch = self.dm.collator([self.dm.train_corpus.examples[self.target.indices[p]] for p in entry["positions"]])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = model_per_example_loss(self.net, batch).sum() / entry["denominator"]
+        (-loss).backward()
+        if entry["step_end"]:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def scores_row(self) -> torch.Tensor:
+        from untrac_pl.losses import model_per_example_loss
+
+        self.net.eval()
+        out = torch.empty(self.n_queries)
+        with torch.inference_mode():
+            for b in self.query_batches:  # length-sorted batches: put each loss back at its query's position
+                out[b["index"].cpu()] = model_per_example_loss(self.net, b).float().cpu()
+        return out
+
+
+class LockstepPlain(pl.Callback):
+    """After each engine step, one step of the plain loop on its own model copy (same target, same data)."""
+
+    def __init__(self, plain: PlainLoop, marks: StepMarks):
+        self.plain, self.marks = plain, marks
+        self.pairs: list[tuple[int, int, int]] = []  # (previous plain end, engine end, plain start) mark indices
+        self.plain_ends: list[int] = []
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.entries = self.plain.start(pl_module.target)
+        self.first, self.last_end = True, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        engine_end = self.marks.mark()
+        self.plain.step(next(self.entries))
+        plain_end = self.marks.mark()
+        if not self.first:  # a target's first step carries its set-up on both sides
+            self.pairs.append((self.last_end, engine_end, plain_end))
+        self.first, self.last_end = False, plain_end
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if next(self.entries, None) is not None:
+            raise RuntimeError("the plain loop has steps left: the engine ran fewer steps than planned")
+        self.rows[pl_module.target.id] = self.plain.scores_row()
+
+    def intervals(self) -> tuple[list[float], list[float]]:
+        t = self.marks.seconds()
+        return [t[e] - t[p] for p, e, _ in self.pairs], [t[q] - t[e] for _, e, q in self.pairs]
+
+
 def steady_intervals(times: list[float], steps_per_target: list[int]) -> list[float]:
     """Intervals between consecutive step ends within each target (its first step excluded)."""
     if len(times) != sum(steps_per_target):
@@ -84,16 +167,19 @@ def steady_intervals(times: list[float], steps_per_target: list[int]) -> list[fl
     return out
 
 
-def ratio_interval(plain: list[list[float]], engine: list[list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of median(plain) / median(engine): repeats resampled (paired), then intervals within each."""
+def ratio_interval(runs: list[tuple[list[float], list[float]]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of median(plain) / median(engine) over paired steps: runs resampled, then pairs within each."""
     rng = np.random.default_rng(seed)
-    plain_arrays, engine_arrays = [np.asarray(r) for r in plain], [np.asarray(r) for r in engine]
+    arrays = [(np.asarray(e), np.asarray(p)) for e, p in runs]
     ratios = []
     for _ in range(resamples):
-        picks = rng.integers(0, len(plain_arrays), len(plain_arrays))
-        p = np.concatenate([rng.choice(plain_arrays[i], plain_arrays[i].size) for i in picks])
-        e = np.concatenate([rng.choice(engine_arrays[i], engine_arrays[i].size) for i in picks])
-        ratios.append(np.median(p) / np.median(e))
+        engine, plain = [], []
+        for i in rng.integers(0, len(arrays), len(arrays)):
+            e, p = arrays[i]
+            pick = rng.integers(0, e.size, e.size)
+            engine.append(e[pick])
+            plain.append(p[pick])
+        ratios.append(np.median(np.concatenate(plain)) / np.median(np.concatenate(engine)))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
 
@@ -110,9 +196,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--groups", type=int, default=2, help="targets (training groups) per engine run")
     parser.add_argument("--queries", type=int, default=12)
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=["both", "lockstep", "sequential"], default="both")
+    parser.add_argument("--repeats", type=int, default=3, help="engine runs per design")
     parser.add_argument("--targets-per-pass", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--engine-settings", choices=["user", "bare"], default="user",
+                        help="user: TensorBoard logger, progress bar, run directory written; bare: none of them")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     setup(args.threads)
@@ -120,10 +209,9 @@ def main(argv=None) -> dict:
     from untrac_pl.data.datamodule import AttributionDataModule
     from untrac_pl.data.schedule import UnlearningSchedule, plan_micro_batches
     from untrac_pl.engine import AttributionConfig, run_attribution
-    from untrac_pl.losses import model_per_example_loss
     from untrac_pl.methods import get_method
     from untrac_pl.models import ModelSpec, load_model_and_tokenizer
-    from untrac_pl.optim import OptimizerSpec, build_optimizer
+    from untrac_pl.optim import OptimizerSpec
     from untrac_pl.unlearning import UnTracModule
 
     layers, width, heads, vocab = SIZES[args.size]
@@ -150,94 +238,98 @@ def main(argv=None) -> dict:
     # batch 1: one micro-batch per optimizer step, so a step end is a batch end on both sides
     steps_per_target = [len(plan_micro_batches(len(t.indices), schedule, t.seed)) for t in plan.targets]
     steps = sum(steps_per_target)
+    plain_loop = PlainLoop(net, theta0, dm, schedule, optimizer_spec, query_batches, len(queries), args.device)
+    base = plain_loop.scores_row()  # θ0's query losses
 
-    def query_losses() -> torch.Tensor:
-        out = torch.empty(len(queries))
-        for b in query_batches:  # length-sorted batches: put each loss back at its query's position
-            out[b["index"].cpu()] = model_per_example_loss(net, b).float().cpu()
-        return out
-
-    def plain() -> tuple[float, list[float], torch.Tensor]:
-        rows, marks = [], StepMarks(args.device)
+    def plain() -> tuple[float, list[float], dict]:
+        rows, marks = {}, StepMarks(args.device)
         with Stopwatch(args.device) as watch:
             for target in plan.targets:
-                with torch.no_grad():
-                    for name, p in net.named_parameters():
-                        p.copy_(theta0[name])
-                pl.seed_everything(target.seed, workers=True, verbose=False)
-                net.train()
-                optimizer = build_optimizer(optimizer_spec, net.parameters())
-                for entry in plan_micro_batches(len(target.indices), schedule, target.seed):
-                    batch = dm.collator([dm.train_corpus.examples[target.indices[p]] for p in entry["positions"]])
-                    batch = {k: v.to(args.device) for k, v in batch.items()}
-                    loss = model_per_example_loss(net, batch).sum() / entry["denominator"]
-                    (-loss).backward()
-                    if entry["step_end"]:
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                for entry in plain_loop.start(target):
+                    plain_loop.step(entry)
                     marks.mark()
-                net.eval()
-                with torch.inference_mode():
-                    rows.append(query_losses())
+                rows[target.id] = plain_loop.scores_row()
         with torch.no_grad():
             for name, p in net.named_parameters():
                 p.copy_(theta0[name])
-        return watch.seconds, marks.seconds(), torch.stack(rows)
+        return watch.seconds, marks.seconds(), rows
 
-    def engine() -> tuple[float, list[float], torch.Tensor]:
-        marks = StepMarks(args.device)
+    def engine(*callbacks):
         m = UnTracModule(spec, optimizer_spec, schedule)
         m.attach(net, tokenizer)
         data = AttributionDataModule.from_records(docs, queries, max_length=args.max_length, eval_batch_size=16)
-        # as a user runs it: TensorBoard logger, progress bar, the run directory written
-        kwargs = engine_trainer_kwargs(args.device, logger=True, enable_progress_bar=True, callbacks=[StepMarkCallback(marks)])
-        result = run_attribution(m, data, config, kwargs)
+        user = args.engine_settings == "user"  # as a user runs it: TensorBoard logger, progress bar, the run directory written
+        kwargs = engine_trainer_kwargs(args.device, logger=user, enable_progress_bar=user, callbacks=list(callbacks))
+        result = run_attribution(m, data, config, kwargs, write=user)
         assert not result.failed
-        return result.timings["targets_s"], marks.seconds(), result.table
+        return result
+
+    def score_difference(table, rows: dict) -> float:
+        plain_scores = torch.stack([rows[t.id] - base for t in plan.targets]).T  # queries x targets
+        order = [table.col_ids.index(t.id) for t in plan.targets]
+        return float((table.scores[:, order].double() - plain_scores.double()).abs().max())
 
     plain()  # warm-up
-    total = {"plain": [], "engine": []}
-    intervals = {"plain": [], "engine": []}
-    for i in range(args.repeats):
-        pairs = [plain, engine] if i % 2 == 0 else [engine, plain]  # alternating: a drifting load hits both alike
-        out = {fn.__name__: fn() for fn in pairs}
-        for side, (seconds, times, _) in out.items():
-            total[side].append(seconds)
-            intervals[side].append(steady_intervals(times, steps_per_target))
-        rows, table = out["plain"][2], out["engine"][2]
-    scratch.cleanup()
-    with torch.inference_mode():
-        net.eval()
-        base = query_losses()
-    # the engine's table is query-major (queries x groups); the plain loop's rows are per target (group)
-    plain_scores = (rows - base).T
-    order = [table.col_ids.index(t.id) for t in plan.targets]
-    diff = float((table.scores[:, order].double() - plain_scores.double()).abs().max())
-
-    pooled = {side: [x for r in runs for x in r] for side, runs in intervals.items()}
-    step_s = {side: median(values) for side, values in pooled.items()}
-    ratio = step_s["plain"] / step_s["engine"]
-    low, high = ratio_interval(intervals["plain"], intervals["engine"])
-    fixed = {side: [(t - sum(r)) / len(plan.targets) for t, r in zip(total[side], intervals[side])] for side in total}
     result = {
         "benchmark": "ascent loop at batch 1: engine vs plain PyTorch loop, same work (UnTrac, one epoch per group)",
         "size": args.size,
         "model": {"layers": layers, "width": width, "heads": heads, "vocab": vocab, "parameters": sum(p.numel() for p in net.parameters())},
         "targets": len(plan.targets), "ascent_steps": steps, "queries": len(queries), "targets_per_pass": args.targets_per_pass,
-        "engine_settings": "TensorBoard logger, progress bar, run directory written",
-        "steady_step_s": step_s,
-        "steady_steps_per_s": {side: 1.0 / s for side, s in step_s.items()},
-        "engine_over_plain_steady": ratio,
-        "engine_over_plain_steady_ci95": [low, high],
-        "per_repeat_steady_ratio": [median(p) / median(e) for p, e in zip(intervals["plain"], intervals["engine"])],
+        "engine_settings": {"user": "TensorBoard logger, progress bar, run directory written", "bare": "no logger, no progress bar, nothing written"}[args.engine_settings],
         "goal": goal,
-        "goal_verdict": verdict(low, high, goal),
-        "per_target_fixed_s": {side: median(v) for side, v in fixed.items()},
-        "target_phase_s": total,
-        "engine_over_plain_whole_phase": median(total["plain"]) / median(total["engine"]),
-        "max_score_difference": diff,
-        "environment": environment(args.device),
     }
+    differences = []
+    steady = None
+    if args.mode in ("both", "lockstep"):
+        twin = copy.deepcopy(net)
+        twin_loop = PlainLoop(twin, theta0, dm, schedule, optimizer_spec, query_batches, len(queries), args.device)
+        runs = []
+        for _ in range(args.repeats):
+            marks = StepMarks(args.device)
+            lockstep = LockstepPlain(twin_loop, marks)
+            result_engine = engine(lockstep)
+            runs.append(lockstep.intervals())
+            differences.append(score_difference(result_engine.table, lockstep.rows))
+        del twin, twin_loop
+        engine_steps = [x for e, _ in runs for x in e]
+        plain_steps = [x for _, p in runs for x in p]
+        steady = {"engine": median(engine_steps), "plain": median(plain_steps)}
+        low, high = ratio_interval(runs)
+        result["lockstep"] = {
+            "steady_step_s": steady,
+            "steady_steps_per_s": {side: 1.0 / s for side, s in steady.items()},
+            "paired_steps": len(engine_steps),
+            "engine_over_plain": steady["plain"] / steady["engine"],
+            "engine_over_plain_ci95": [low, high],
+            "per_run_ratio": [median(p) / median(e) for e, p in runs],
+            "goal_verdict": verdict(low, high, goal),
+            "intervals_s": [{"engine": [round(x, 6) for x in e], "plain": [round(x, 6) for x in p]} for e, p in runs],
+        }
+    if args.mode in ("both", "sequential"):
+        total = {"plain": [], "engine": []}
+        intervals = {"plain": [], "engine": []}
+        for i in range(args.repeats):
+            for side in (["plain", "engine"] if i % 2 == 0 else ["engine", "plain"]):  # alternating: a drifting load hits both alike
+                if side == "plain":
+                    seconds, times, rows = plain()
+                else:
+                    marks = StepMarks(args.device)
+                    result_engine = engine(StepMarkCallback(marks))
+                    seconds, times = result_engine.timings["targets_s"], marks.seconds()
+                    table = result_engine.table
+                total[side].append(seconds)
+                intervals[side].append(steady_intervals(times, steps_per_target))
+            differences.append(score_difference(table, rows))
+        fixed = {side: [(t - sum(r)) / len(plan.targets) for t, r in zip(total[side], intervals[side])] for side in total}
+        result["sequential"] = {
+            "target_phase_s": total,
+            "engine_over_plain_whole_phase": median(total["plain"]) / median(total["engine"]),
+            "steady_step_s": {side: median([x for r in runs for x in r]) for side, runs in intervals.items()},
+            "per_target_fixed_s": {side: median(v) for side, v in fixed.items()},
+        }
+    scratch.cleanup()
+    result["max_score_difference"] = max(differences)
+    result["environment"] = environment(args.device)
     write_result(f"ascent_loop_{args.size}" + (f"_k{args.targets_per_pass}" if args.targets_per_pass > 1 else ""), result, args.out)
     return result
 

@@ -292,6 +292,33 @@ def test_group_matrix_from_group_mean_gradients_equals_the_per_example_path(setu
         graddot(model, train, queries, train_groups=TRAIN_GROUPS, example_scores=False)
 
 
+def test_group_path_with_index_not_position_collated_queries_projection_and_plain_tracin(setup):
+    """The group path reads each example's 'index' (not its position) for its group, takes queries given
+    as collated batches, and equals the per-example path for GradCos with a projection and TracInCP
+    proper (normalize_train=False)."""
+    model, train, queries, _, _, _ = setup
+    perm = [3, 0, 7, 1, 9, 2, 5, 8, 4, 6]
+    shuffled = [train[i] for i in perm]  # each keeps its own 'index': same data, another order
+    assert [ex["index"] for ex in shuffled] != list(range(len(train)))
+    sd = {n: (p.detach() + 0.05).contiguous() for n, p in model.named_parameters()}
+    cases = [
+        (graddot, {}),
+        (gradcos, {"projection_dim": 16}),
+        (tracin, {"checkpoints": [(sd, 0.1), (dict(model.state_dict()), 0.05)], "normalize_train": False}),
+    ]
+    for fn, opts in cases:
+        want = fn(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, batch_size=3, **opts)
+        for tr, qu in ((shuffled, queries), (train, as_batches(queries, batch_size=3)), (shuffled, as_batches(queries, batch_size=2))):
+            got = fn(model, tr, qu, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, batch_size=3, example_scores=False, **opts)
+            assert got["info"]["group_gradients"]
+            torch.testing.assert_close(got["group_scores"], want["group_scores"], rtol=1e-4, atol=ATOL, msg=fn.__name__)
+    # a broken reading of 'index' (groups by position) would give another matrix here
+    by_position = graddot(model, [{k: v for k, v in ex.items() if k != "index"} for ex in shuffled], queries,
+                          train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS, example_scores=False)
+    want = graddot(model, train, queries, train_groups=TRAIN_GROUPS, query_groups=QUERY_GROUPS)
+    assert not torch.allclose(by_position["group_scores"], want["group_scores"], rtol=1e-3, atol=ATOL)
+
+
 def test_random_projection_preserves_graddot_and_is_deterministic(setup, hess_setup):
     model, train, queries, _, Gt, Gq = setup
     a = graddot(model, train, queries, projection_dim=128, projection_seed=7)
