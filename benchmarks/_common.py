@@ -98,7 +98,11 @@ def environment(device: str) -> dict:
     try:
         import subprocess
 
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        git = ["git", "-C", str(HERE)]
+        info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "../untrac_pl", "."],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        info["uncommitted_changes"] = bool(changed)  # in the package or the benchmarks: the commit alone is not the code
     except (OSError, subprocess.SubprocessError):
         pass
     return info

@@ -48,7 +48,7 @@ def child(steps: int, tokens: int) -> dict:
     rows = rows[2:]  # Adam's state and the first allocations
     return {"step_s": median(r[0] for r in rows), "system_s": median(r[1] for r in rows),
             "minor_faults": median(r[2] for r in rows),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "steps_timed": len(rows)}
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "steps_timed": len(rows)}
 
 
 def main(argv=None) -> dict:
@@ -63,8 +63,8 @@ def main(argv=None) -> dict:
         print(json.dumps(child(args.steps, args.tokens)))
         return {}
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    for _ in range(args.repeats):
-        for name, env in SETTINGS.items():
+    for repeat in range(args.repeats):
+        for name, env in (list(SETTINGS.items()) if repeat % 2 == 0 else list(SETTINGS.items())[::-1]):
             clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
             out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--tokens", str(args.tokens)],
                                  env={**clean, **env}, capture_output=True, text=True, check=True)

@@ -135,10 +135,13 @@ def test_fit_cli_records_the_last_steps_decayed_lr_and_refuses_trainer_max_steps
 
 
 def test_losses_build_no_key_value_cache_and_equal_the_cached_forward(toy):
-    """A loss forward asks a Hugging Face LM for no cache (it costs every ascent step); the losses are
-    those of the model's default (cached) forward."""
+    """Every loss forward (direct, functional_call per-example gradients, vmap parallel targets) asks a
+    Hugging Face LM for no cache (it costs every ascent step); the losses are the default forward's."""
+    from untrac_pl.baselines.gradients import batch_losses
     from untrac_pl.data.collate import PadCollator
-    from untrac_pl.losses import model_losses
+    from untrac_pl.losses import lm_inputs, model_losses, per_example_loss
+    from untrac_pl.parallel import parallel_step_losses, stack_trainable
+
     _, net, tok, _ = toy
     net.eval()
     assert net.config.use_cache is True  # the default this guards against
@@ -151,9 +154,24 @@ def test_losses_build_no_key_value_cache_and_equal_the_cached_forward(toy):
     try:
         with torch.no_grad():
             losses = {r: model_losses(net, batch, r) for r in ("example_mean", "token_mean")}
+            functional = batch_losses(net, dict(net.named_parameters()), batch)  # functional_call runs the instance's forward
+            two = {k: torch.stack([batch[k], batch[k]]) for k in ("input_ids", "labels")}
+            two.update(denominator=torch.tensor([2.0, 2.0]), micro_batches=torch.tensor([1.0, 1.0]))
+            parallel_step_losses(net, stack_trainable(net, 2), two)
             cached = original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     finally:
         del net.forward
-    assert seen == [False, False]
+    assert seen == [False, False, False, False]
     assert cached.past_key_values is not None
     torch.testing.assert_close(losses["token_mean"][0], cached.loss, rtol=0, atol=0)
+    want = per_example_loss(cached.logits, batch["labels"])
+    torch.testing.assert_close(losses["example_mean"], want, rtol=0, atol=0)
+    torch.testing.assert_close(functional, want)
+
+    class NoCacheArgument(torch.nn.Module):  # a custom LM with a config but no use_cache argument
+        config = net.config
+
+        def forward(self, input_ids, attention_mask):
+            return input_ids
+
+    assert "use_cache" not in lm_inputs(NoCacheArgument(), batch)

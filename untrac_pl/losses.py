@@ -10,6 +10,8 @@ averages tokens over a whole batch instead: the model's own Hugging Face loss of
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Literal, Optional
 
 import torch
@@ -41,15 +43,32 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def lm_inputs(model: torch.nn.Module, batch: dict, labels: bool = False) -> dict:
     """The keyword arguments of a causal-LM forward on a collated batch.
 
-    ``use_cache=False`` where the model has a key/value cache (its config says ``use_cache``): a
-    loss needs none, and building one costs every forward.
+    ``use_cache=False`` where the model has a key/value cache (its config says ``use_cache``) and its
+    forward takes the argument: a loss needs no cache, and building one costs every forward.
     """
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if labels:
         kwargs["labels"] = batch["labels"]
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if no_cache_accepted(model):
         kwargs["use_cache"] = False
     return kwargs
+
+
+def no_cache_accepted(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward can be told ``use_cache=False`` (a Hugging Face LM, or a wrapper such as
+    peft's that passes keyword arguments on); a custom module without the argument is called without it."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return False
+    return _forward_takes_use_cache(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_use_cache(cls: type) -> bool:
+    try:
+        parameters = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def model_losses(model: torch.nn.Module, batch: dict, reduction: LossReduction = "example_mean", parameters: Optional[dict] = None) -> torch.Tensor:

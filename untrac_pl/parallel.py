@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from untrac_pl.data.schedule import plan_signature
-from untrac_pl.losses import IGNORE_INDEX, LossReduction, per_example_loss
+from untrac_pl.losses import IGNORE_INDEX, LossReduction, no_cache_accepted, per_example_loss
 from untrac_pl.quantization import ScaleConfigError
 from untrac_pl.runtime import canonical_precision
 
@@ -78,8 +78,10 @@ def parallel_step_losses(net: torch.nn.Module, stacked: dict[str, torch.Tensor],
                          reduction: LossReduction = "example_mean") -> torch.Tensor:
     """Each target's share of its step's loss, ``[K]`` (the sequential ``_ascent_loss``, per target)."""
 
+    extra = {"use_cache": False} if no_cache_accepted(net) else {}  # a loss builds no key/value cache
+
     def one(params, input_ids, labels, denominator, micro_batches):
-        logits = functional_call(net, params, args=(), kwargs={"input_ids": input_ids}, strict=False).logits
+        logits = functional_call(net, params, args=(), kwargs={"input_ids": input_ids, **extra}, strict=False).logits
         if reduction == "token_mean":  # the model's own loss: token mean of the shifted labels
             shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
             nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
