@@ -100,9 +100,10 @@ def environment(device: str) -> dict:
 
         git = ["git", "-C", str(HERE)]
         info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
-        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "../untrac_pl", "."],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        info["uncommitted_changes"] = bool(changed)  # in the package or the benchmarks: the commit alone is not the code
+        changed = subprocess.run(git + ["status", "--porcelain", "--", "../untrac_pl", "."],
+                                 capture_output=True, text=True, timeout=10).stdout.splitlines()
+        # code only (.py of the package or the benchmarks): result files and READMEs change with every run
+        info["uncommitted_changes"] = any(line.rstrip().endswith(".py") for line in changed)
     except (OSError, subprocess.SubprocessError):
         pass
     return info

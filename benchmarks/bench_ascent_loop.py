@@ -348,6 +348,7 @@ def main(argv=None) -> dict:
             "engine_over_plain_whole_phase": median(total["plain"]) / median(total["engine"]),
             "steady_step_s": {side: median([x for r in runs for x in r]) for side, runs in intervals.items()},
             "per_target_fixed_s": {side: median(v) for side, v in fixed.items()},
+            "intervals_s": {side: [[round(x, 6) for x in r] for r in runs] for side, runs in intervals.items()},
         }
     scratch.cleanup()
     result["max_score_difference"] = max(differences)

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_ascent_loop as bench  # noqa: E402
 
 
-def test_lockstep_and_sequential_designs_pair_every_steady_step_and_score_identically(tmp_path):
+def test_lockstep_and_sequential_designs_pair_every_steady_step_and_score_identically(tmp_path, monkeypatch):
+    # the script's setup() silences warnings and loggers process-wide: not in the test process
+    monkeypatch.setattr(bench, "setup", lambda threads: torch.manual_seed(0))
     bench.main(["--size", "tiny", "--groups", "2", "--group-size", "6", "--queries", "3", "--repeats", "2",
                 "--out", str(tmp_path)])  # the engine as a user runs it: logger, progress bar, run directory
     saved = json.loads((tmp_path / "ascent_loop_tiny.json").read_text())
