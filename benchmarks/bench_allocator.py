@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
         print(json.dumps(child(args.steps, args.tokens)))
         return {}
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     for repeat in range(args.repeats):
         for name, env in (list(SETTINGS.items()) if repeat % 2 == 0 else list(SETTINGS.items())[::-1]):
-            clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
             out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--tokens", str(args.tokens)],
                                  env={**clean, **env}, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -48,6 +48,15 @@ import numpy as np
 import torch
 from _common import Stopwatch, documents, engine_trainer_kwargs, environment, gpt2_config, median, setup, write_result
 
+from untrac_pl.data.datamodule import AttributionDataModule
+from untrac_pl.data.schedule import UnlearningSchedule, plan_micro_batches
+from untrac_pl.engine import AttributionConfig, run_attribution
+from untrac_pl.losses import model_per_example_loss
+from untrac_pl.methods import get_method
+from untrac_pl.models import ModelSpec, load_model_and_tokenizer
+from untrac_pl.optim import OptimizerSpec, build_optimizer
+from untrac_pl.unlearning import UnTracModule
+
 SIZES = {"tiny": (2, 128, 2, 2048), "small": (12, 768, 12, 50257)}
 
 
@@ -93,13 +102,13 @@ class PlainLoop:
         self.net, self.theta0, self.dm, self.schedule = net, theta0, dm, schedule
         self.optimizer_spec, self.query_batches, self.n_queries, self.device = optimizer_spec, query_batches, n_queries, device
 
-    def start(self, target):
-        from untrac_pl.data.schedule import plan_micro_batches
-        from untrac_pl.optim import build_optimizer
-
+    def load_theta0(self) -> None:
         with torch.no_grad():
             for name, p in self.net.named_parameters():
                 p.copy_(self.theta0[name])
+
+    def start(self, target):
+        self.load_theta0()
         pl.seed_everything(target.seed, workers=True, verbose=False)
         self.net.train()
         self.target = target
@@ -107,8 +116,6 @@ class PlainLoop:
         return iter(plan_micro_batches(len(target.indices), self.schedule, target.seed))
 
     def step(self, entry) -> None:
-        from untrac_pl.losses import model_per_example_loss
-
         batch = self.dm.collator([self.dm.train_corpus.examples[self.target.indices[p]] for p in entry["positions"]])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = model_per_example_loss(self.net, batch).sum() / entry["denominator"]
@@ -118,8 +125,6 @@ class PlainLoop:
             self.optimizer.zero_grad(set_to_none=True)
 
     def scores_row(self) -> torch.Tensor:
-        from untrac_pl.losses import model_per_example_loss
-
         self.net.eval()
         out = torch.empty(self.n_queries)
         with torch.inference_mode():
@@ -223,14 +228,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     setup(args.threads)
 
-    from untrac_pl.data.datamodule import AttributionDataModule
-    from untrac_pl.data.schedule import UnlearningSchedule, plan_micro_batches
-    from untrac_pl.engine import AttributionConfig, run_attribution
-    from untrac_pl.methods import get_method
-    from untrac_pl.models import ModelSpec, load_model_and_tokenizer
-    from untrac_pl.optim import OptimizerSpec
-    from untrac_pl.unlearning import UnTracModule
-
     layers, width, heads, vocab = SIZES[args.size]
     n = args.group_size or (150 if args.size == "tiny" else 24)
     goal = 0.85 if args.size == "tiny" else 0.95
@@ -266,9 +263,7 @@ def main(argv=None) -> dict:
                     plain_loop.step(entry)
                     marks.mark()
                 rows[target.id] = plain_loop.scores_row()
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                p.copy_(theta0[name])
+        plain_loop.load_theta0()  # the engine's next run starts from θ0
         return watch.seconds, marks.seconds(), rows
 
     def engine(*callbacks):
@@ -296,7 +291,6 @@ def main(argv=None) -> dict:
         "goal": goal,
     }
     differences = []
-    steady = None
     if args.mode in ("both", "lockstep"):
         twin = copy.deepcopy(net)
         twin_loop = PlainLoop(twin, theta0, dm, schedule, optimizer_spec, query_batches, len(queries), args.device)
